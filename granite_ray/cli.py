@@ -1,0 +1,50 @@
+"""`granite-ray <stage> [--config FILE] [key.sub=value ...]`, and `granite-ray demo`.
+
+jobs/<stage>.py calls `main` too, so `ray job submit -- python jobs/<stage>.py` and the CLI
+reach the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from granite_ray.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from granite_ray.stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="granite-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help)
+        p.add_argument("--config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. train.lr=1e-4)")
+    demo = sub.add_parser("demo", help="train a tiny tokenizer + MLM encoder on a real corpus sample, locally")
+    demo.add_argument("--output", default="outputs/demo", help="output directory")
+    demo.add_argument("overrides", nargs="*", help="overrides for the MLM stage (e.g. train.max_steps=50)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from granite_ray.demo import run_demo
+
+            run_demo(args.output, args.overrides)
+            return 0
+        from granite_ray.stages import STAGES
+
+        stage = STAGES[args.command]
+        config = load_config(stage.config_cls, args.config, args.overrides)
+        stage.run(config)
+        return 0
+    except ConfigError as err:
+        print(f"granite-ray {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

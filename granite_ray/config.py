@@ -1,0 +1,190 @@
+"""One config system for every stage: pydantic models, loaded from YAML, overridden from the CLI.
+
+A stage's config is a `StageConfig` subclass. `load_config(cls, yaml_path, overrides)` merges
+the YAML file with `key.sub=value` overrides (values parsed as YAML scalars) and validates
+the result; any error names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # Paper sizes (Granite Embedding R2, section 2.1); tiny keeps the mechanism, shrinks sizes.
+    "base": dict(num_hidden_layers=22, hidden_size=768, intermediate_size=1152, num_attention_heads=12),
+    "small": dict(num_hidden_layers=12, hidden_size=384, intermediate_size=1536, num_attention_heads=12),
+    "tiny": dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=2),
+}
+
+
+class ModelConfig(Section):
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    init_from: str | None = Field(None, description="artifact path or s3:// URI to start from")
+    num_hidden_layers: int | None = Field(None, gt=0)
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    global_attn_every_n_layers: int = Field(3, gt=0)
+    local_attention: int = Field(128, gt=0, description="sliding window width (tokens)")
+    local_rope_theta: float = Field(10_000.0, gt=0)
+    global_rope_theta: float = Field(10_000.0, gt=0)
+    max_position_embeddings: int = Field(8192, gt=0)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+    def size(self) -> dict[str, int]:
+        """Preset sizes with any explicitly given field taking precedence."""
+        sizes = dict(MODEL_PRESETS[self.preset])
+        for key in sizes:
+            if getattr(self, key) is not None:
+                sizes[key] = getattr(self, key)
+        if sizes["hidden_size"] % sizes["num_attention_heads"]:
+            raise ConfigError("model.hidden_size: must be divisible by model.num_attention_heads")
+        return sizes
+
+
+class TokenizerConfig(Section):
+    path: str | None = Field(None, description="load a tokenizer from a path or s3:// URI instead of training one")
+    vocab_size: int = Field(50_368, gt=16)
+    min_frequency: int = Field(2, ge=1)
+    train_docs: int = Field(100_000, gt=0, description="documents streamed into tokenizer training")
+
+
+class DataConfig(Section):
+    paths: list[str] = Field(default_factory=list, description="files, directories or globs; local or s3://")
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    text_fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1)
+    id_field: str = "_id"
+    max_seq_len: int = Field(1024, ge=8)
+    mlm_probability: float = Field(0.3, gt=0, lt=1)
+    pack_batch_docs: int = Field(1024, gt=0, description="documents packed together (one partial row each)")
+    tokenize_actors: int = Field(1, gt=0)
+    tokenize_batch_docs: int = Field(256, gt=0)
+    max_docs: int | None = Field(None, gt=0)
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0, description="packed rows per worker per step")
+    grad_accum_steps: int = Field(1, gt=0)
+    max_steps: int = Field(100, gt=0)
+    optimizer: Literal["stableadamw", "adamw"] = "stableadamw"
+    lr: float = Field(8e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    schedule: Literal["wsd", "constant"] = "wsd"
+    warmup_fraction: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.1, ge=0, le=1)
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    max_failures: int = Field(0, ge=-1, description="worker failures tolerated before the run fails; -1: unlimited")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "TrainConfig":
+        if self.warmup_fraction + self.decay_fraction > 1:
+            raise ValueError("warmup_fraction + decay_fraction must be at most 1")
+        return self
+
+
+class StorageConfig(Section):
+    """S3 settings; unset values come from the standard AWS_* environment variables."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class StageConfig(Section):
+    stage: str
+    run_name: str = "granite-ray"
+    storage_path: str = Field("runs", description="checkpoint root: local dir or s3://bucket/prefix")
+    output_uri: str = Field("outputs/artifact", description="where the final artifact goes: local or s3://")
+    ray_address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+class PretrainMLMConfig(StageConfig):
+    stage: Literal["pretrain-mlm"] = "pretrain-mlm"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class TrainTokenizerConfig(StageConfig):
+    stage: Literal["train-tokenizer"] = "train-tokenizer"
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+C = TypeVar("C", bound=StageConfig)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `a.b.c=value` entries into a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return tree
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        got = e.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {field}: {e['msg']}{got_text}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(cls: type[C], yaml_path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    tree: dict[str, Any] = {}
+    if yaml_path is not None:
+        text = Path(yaml_path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_path}: top level must be a mapping")
+        tree = loaded
+    tree = apply_overrides(tree, list(overrides))
+    try:
+        config = cls.model_validate(tree)
+        if hasattr(config, "model"):
+            config.model.size()
+        return config
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML, written beside every artifact."""
+    return yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)

@@ -1,0 +1,76 @@
+"""Encoder pretraining stages as Ray jobs: tokenizer training and masked-LM pretraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import tempfile
+
+import ray
+
+from granite_ray import storage
+from granite_ray.config import DataConfig, PretrainMLMConfig, TokenizerConfig, TrainTokenizerConfig, dump_config
+from granite_ray.data.corpus import read_corpus
+from granite_ray.data.packing import TokenizeAndPack
+from granite_ray.runtime import init_ray
+from granite_ray.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from granite_ray.train.loop import run_training
+
+
+def stream_texts(data: DataConfig, limit: int):
+    ds, _ = read_corpus(data)
+    for row in ds.limit(limit).iter_rows():
+        yield row["text"]
+
+
+def obtain_tokenizer(tok_cfg: TokenizerConfig, data: DataConfig, model_init_from: str | None = None):
+    """The tokenizer of `init_from`, else `tokenizer.path`, else one trained on the streamed corpus."""
+    source = model_init_from or tok_cfg.path
+    if source:
+        return load_tokenizer(source)
+    print(f"[granite-ray] training a {tok_cfg.vocab_size}-token BPE tokenizer on up to {tok_cfg.train_docs} documents", flush=True)
+    return train_tokenizer(stream_texts(data, tok_cfg.train_docs), tok_cfg.vocab_size, tok_cfg.min_frequency)
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def packed_dataset(data: DataConfig, tokenizer):
+    """Corpus -> normalized rows -> tokenized and packed rows, all streamed; plus the drop counter."""
+    docs, counter = read_corpus(data)
+    special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id}
+    packed = docs.map_batches(
+        TokenizeAndPack,
+        fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), data.max_seq_len, special),
+        batch_size=data.pack_batch_docs,
+        compute=ray.data.ActorPoolStrategy(size=data.tokenize_actors),
+        num_cpus=0.25,
+    )
+    return packed, counter
+
+
+def run_train_tokenizer(config: TrainTokenizerConfig) -> str:
+    init_ray(config)
+    tokenizer = obtain_tokenizer(config.tokenizer, config.data)
+    save_tokenizer(tokenizer, config.output_uri)
+    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    print(f"[granite-ray] tokenizer ({len(tokenizer)} tokens) written to {config.output_uri}", flush=True)
+    return config.output_uri
+
+
+def run_pretrain_mlm(config: PretrainMLMConfig) -> str:
+    init_ray(config)
+    tokenizer = obtain_tokenizer(config.tokenizer, config.data, config.model.init_from)
+    packed, counter = packed_dataset(config.data, tokenizer)
+    result = run_training(config, {"train": packed}, tokenizer_files(tokenizer))
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    dropped = ray.get(counter.totals.remote())
+    stats = {"dropped_rows": dropped, "final_metrics": result.metrics}
+    storage.write_bytes(storage.join(config.output_uri, "data_stats.json"), json.dumps(stats, indent=2).encode())
+    print(f"[granite-ray] dropped malformed rows: {dropped or 'none'}", flush=True)
+    print(f"[granite-ray] artifact written to {config.output_uri}", flush=True)
+    return config.output_uri

@@ -1,0 +1,63 @@
+"""Byte-level BPE tokenizer (the ModernBERT/OLMo family) trained on a streamed corpus, or loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from granite_ray import storage
+
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train on an iterator of texts: the corpus streams through and is never held whole."""
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B {sep}",
+        special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=8192, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(uri: str) -> PreTrainedTokenizerFast:
+    """Load from a local directory or an s3:// URI (artifact or tokenizer-only folder)."""
+    with storage.local_copy(uri) as path:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    missing = [name for name in SPECIAL_TOKENS if getattr(tokenizer, name) is None]
+    if missing:
+        raise ValueError(f"tokenizer at {uri} lacks special tokens: {', '.join(missing)}")
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, uri: str) -> None:
+    if storage.is_s3(uri):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            storage.upload_dir(tmp, uri)
+    else:
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(uri)
+
+
+def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
+    """Embedding rows: the tokenizer's size rounded up to a multiple of 64 (50,368 for the paper's)."""
+    return -(-len(tokenizer) // 64) * 64
