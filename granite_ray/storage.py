@@ -153,7 +153,13 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"not a directory: {uri}")
-    pafs.copy_files(base, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if item.type != pafs.FileType.File:
+            continue
+        target = local_dir / item.path[len(base):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(item.path) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=8 << 20)
     return local_dir
 
 

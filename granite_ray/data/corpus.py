@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FileBasedDatasource
 
@@ -39,31 +40,38 @@ class DropCounter:
         return dict(self.counts)
 
 
-class JsonlLinesDatasource(FileBasedDatasource):
-    """Raw lines of jsonl files, read in fixed-size chunks; parsing happens downstream."""
+class RecordLinesDatasource(FileBasedDatasource):
+    """Raw records as JSON lines: jsonl lines as they are, parquet rows re-encoded, in bounded blocks.
 
-    _FILE_EXTENSIONS = ["jsonl", "json", "ndjson"]
+    Parsing and validation happen downstream, so both formats share one normalize step, and
+    parquet files whose schemas disagree never have to be merged.
+    """
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        if path.endswith(PARQUET_SUFFIXES):
+            return filesystem.open_input_file(path)  # parquet needs random access (ranged GETs on S3)
+        return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        if path.endswith(PARQUET_SUFFIXES):
+            yield from self._parquet_lines(f, path)
+        else:
+            yield from self._jsonl_lines(f, path)
+
+    @staticmethod
+    def _block(lines: list[bytes], numbers: list[int], path: str) -> pa.Table:
+        return pa.table({
+            "line": pa.array(lines, type=pa.binary()),
+            "source": pa.array([path] * len(lines), type=pa.string()),
+            "lineno": pa.array(numbers, type=pa.int64()),
+        })
+
+    def _jsonl_lines(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         carry = b""
         lineno = 0
         lines: list[bytes] = []
         numbers: list[int] = []
-
-        def flush() -> pa.Table:
-            table = pa.table({
-                "line": pa.array(lines, type=pa.binary()),
-                "source": pa.array([path] * len(lines), type=pa.string()),
-                "lineno": pa.array(numbers, type=pa.int64()),
-            })
-            lines.clear()
-            numbers.clear()
-            return table
-
-        while True:
-            chunk = f.read(READ_CHUNK_BYTES)
-            if not chunk:
-                break
+        while chunk := f.read(READ_CHUNK_BYTES):
             parts = (carry + chunk).split(b"\n")
             carry = parts.pop()
             for part in parts:
@@ -72,12 +80,21 @@ class JsonlLinesDatasource(FileBasedDatasource):
                     lines.append(part)
                     numbers.append(lineno)
             if len(lines) >= LINES_PER_BLOCK:
-                yield flush()
+                yield self._block(lines, numbers, path)
+                lines, numbers = [], []
         if carry.strip():
             lines.append(carry)
             numbers.append(lineno + 1)
         if lines:
-            yield flush()
+            yield self._block(lines, numbers, path)
+
+    def _parquet_lines(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        row = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=LINES_PER_BLOCK):
+            records = batch.to_pylist()
+            lines = [json.dumps(r, default=str, ensure_ascii=False).encode() for r in records]
+            yield self._block(lines, list(range(row + 1, row + 1 + len(lines))), path)
+            row += len(lines)
 
 
 def normalize_record(record: Any, text_fields: list[str], id_field: str, fallback_id: str) -> tuple[str, str] | str:
@@ -110,7 +127,7 @@ def _finish(ids: list[str], texts: list[str], dropped: Counter, counter) -> dict
     return {"id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
 
 
-def normalize_jsonl(batch: dict[str, np.ndarray], text_fields: list[str], id_field: str, counter) -> dict[str, np.ndarray]:
+def normalize_lines(batch: dict[str, np.ndarray], text_fields: list[str], id_field: str, counter) -> dict[str, np.ndarray]:
     ids: list[str] = []
     texts: list[str] = []
     dropped: Counter = Counter()
@@ -127,18 +144,6 @@ def normalize_jsonl(batch: dict[str, np.ndarray], text_fields: list[str], id_fie
     return _finish(ids, texts, dropped, counter)
 
 
-def normalize_records(batch: dict[str, np.ndarray], text_fields: list[str], id_field: str, counter) -> dict[str, np.ndarray]:
-    ids: list[str] = []
-    texts: list[str] = []
-    dropped: Counter = Counter()
-    columns = list(batch)
-    for i in range(len(batch[columns[0]]) if columns else 0):
-        record = {c: _plain(batch[c][i]) for c in columns}
-        fallback = f"{record.pop('__source', 'row')}:{i}"
-        _take(normalize_record(record, text_fields, id_field, fallback), ids, texts, dropped)
-    return _finish(ids, texts, dropped, counter)
-
-
 def _take(result: tuple[str, str] | str, ids: list, texts: list, dropped: Counter) -> None:
     if isinstance(result, str):
         dropped[result] += 1
@@ -147,58 +152,28 @@ def _take(result: tuple[str, str] | str, ids: list, texts: list, dropped: Counte
         texts.append(result[1])
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def resolve_files(config: DataConfig) -> tuple[list[str], list[str]]:
-    """(jsonl files, parquet files) named by the config's paths, directories and globs."""
+def resolve_files(config: DataConfig) -> list[str]:
+    """The .jsonl/.parquet files named by the config's paths, directories and globs."""
     if not config.paths:
         raise ValueError("data.paths: no corpus given")
-    jsonl, parquet = [], []
-    for path in config.paths:
-        files = storage.list_files(path)
-        for f in files:
-            fmt = config.format
-            if fmt == "auto":
-                fmt = "jsonl" if f.endswith(JSONL_SUFFIXES) else "parquet" if f.endswith(PARQUET_SUFFIXES) else None
-            if fmt == "jsonl":
-                jsonl.append(f)
-            elif fmt == "parquet":
-                parquet.append(f)
-    if not jsonl and not parquet:
+    suffixes = {"auto": JSONL_SUFFIXES + PARQUET_SUFFIXES, "jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES}[config.format]
+    files = [f for path in config.paths for f in storage.list_files(path, suffixes)]
+    if not files:
         raise ValueError(f"data.paths: no .jsonl or .parquet files under {config.paths}")
-    return jsonl, parquet
+    if len({storage.is_s3(f) for f in files}) > 1:
+        raise ValueError("data.paths: mix of local and s3:// files; use one kind per dataset")
+    return files
 
 
 def read_corpus(config: DataConfig, counter=None) -> tuple[ray.data.Dataset, Any]:
     """A lazily streamed Dataset of {id, text} and the DropCounter collecting its drop counts."""
     counter = counter or DropCounter.remote()
-    jsonl, parquet = resolve_files(config)
-    parts = []
-    cpu = {"num_cpus": 0.25}
-    fn_kwargs = {"text_fields": config.text_fields, "id_field": config.id_field, "counter": counter}
-    if jsonl:
-        fs, _ = storage.resolve(jsonl[0])
-        paths = [storage.resolve(p)[1] for p in jsonl]
-        lines = ray.data.read_datasource(JsonlLinesDatasource(paths, filesystem=fs), ray_remote_args=cpu)
-        parts.append(lines.map_batches(normalize_jsonl, fn_kwargs=fn_kwargs, batch_size=LINES_PER_BLOCK, **cpu))
-    if parquet:
-        fs, _ = storage.resolve(parquet[0])
-        paths = [storage.resolve(p)[1] for p in parquet]
-        wanted = list(dict.fromkeys([*config.text_fields, config.id_field]))
-        table = ray.data.read_parquet(paths, filesystem=fs, ray_remote_args=cpu, include_paths=True)
-        table = table.rename_columns({"path": "__source"}) if "path" not in wanted else table
-        parts.append(table.map_batches(normalize_records, fn_kwargs=fn_kwargs, batch_size=LINES_PER_BLOCK,
-                                       batch_format="numpy", **cpu))
-    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    files = resolve_files(config)
+    fs, _ = storage.resolve(files[0])
+    lines = ray.data.read_datasource(RecordLinesDatasource([storage.resolve(f)[1] for f in files], filesystem=fs),
+                                     num_cpus=0.25)
+    ds = lines.map_batches(normalize_lines, batch_size=LINES_PER_BLOCK, num_cpus=0.25, fn_kwargs={
+        "text_fields": config.text_fields, "id_field": config.id_field, "counter": counter})
     if config.max_docs:
         ds = ds.limit(config.max_docs)
     return ds, counter

@@ -1,0 +1,13 @@
+.PHONY: setup demo test bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/granite-ray demo
+
+test: setup
+	.venv/bin/python -m pytest tests
+
+bench: setup
+	.venv/bin/python benchmarks/ingest.py

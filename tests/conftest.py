@@ -1,0 +1,76 @@
+"""Shared fixtures: a real S3 server (SeaweedFS), a local Ray, a tokenizer trained on real text."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from s3server import SeaweedS3  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE = REPO / "data" / "sample"
+
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A SeaweedFS S3 endpoint on 127.0.0.1; its settings are exported so Ray workers inherit them."""
+    server = SeaweedS3().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """One embedded Ray for the session, started after the S3 env is set."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def bucket(s3, request):
+    name = f"t-{uuid.uuid4().hex[:8]}-" + request.node.name.lower().replace("_", "-")[:30].strip("-[]")
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+def cranfield_texts(limit: int | None = None) -> list[str]:
+    rows = [json.loads(line) for line in (SAMPLE / "cranfield.jsonl").read_text().splitlines()]
+    texts = [f"{r['title']}\n{r['text']}".strip() for r in rows]
+    return [t for t in texts if t][:limit]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from granite_ray.tokenizer import train_tokenizer
+
+    return train_tokenizer(iter(cranfield_texts()), vocab_size=2048, min_frequency=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import cranfield_texts
+from granite_ray.attention import packed_model_inputs
+from granite_ray.config import ModelConfig
+from granite_ray.data.masking import IGNORE_INDEX, mask_tokens
+from granite_ray.data.packing import pack_segments
+from granite_ray.model import build_mlm_model
+
+
+def _encode(tokenizer, texts):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_packing_keeps_every_token_and_boundary(tokenizer):
+    docs = _encode(tokenizer, cranfield_texts(300))
+    ids = [f"d{i}" for i in range(len(docs))]
+    max_len = 128
+    packed = pack_segments(docs, ids, max_len, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    rows = packed["input_ids"]
+    assert rows.shape[1] == max_len
+    rebuilt: dict[str, list[int]] = {}
+    used = 0
+    for row, lens, doc_ids in zip(rows, packed["seq_lens"], packed["doc_ids"]):
+        assert sum(lens) <= max_len
+        start = 0
+        for n, doc in zip(lens, doc_ids):
+            seg = row[start:start + n]
+            assert seg[0] == tokenizer.cls_token_id and seg[-1] == tokenizer.sep_token_id
+            rebuilt.setdefault(doc, []).extend(seg[1:-1].tolist())
+            start += n
+        assert (row[start:] == tokenizer.pad_token_id).all()
+        used += start
+    assert [rebuilt[i] for i in ids] == docs  # nothing lost, order kept, long docs continue across rows
+    assert any(len(d) > max_len for d in docs)  # the case of a document split across rows occurs
+    assert used / rows.size > 0.98
+
+
+def test_packing_rejects_rows_too_short():
+    with pytest.raises(ValueError, match="max_len"):
+        pack_segments([[1, 2, 3]], ["a"], 4, 0, 1, 2)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_rows_give_the_same_hidden_states_as_documents_alone(tokenizer, impl):
+    torch.manual_seed(0)
+    # A window of 16 tokens, much shorter than the documents, exercises the sliding-window layers.
+    model = build_mlm_model(ModelConfig(preset="tiny", local_attention=16, attn_implementation=impl), tokenizer).eval()
+    docs = _encode(tokenizer, cranfield_texts(40))
+    packed = pack_segments(docs, [str(i) for i in range(40)], 192, tokenizer.cls_token_id,
+                           tokenizer.sep_token_id, tokenizer.pad_token_id)
+    ids = torch.as_tensor(packed["input_ids"], dtype=torch.long)
+    kwargs = packed_model_inputs(packed["seq_lens"], ids.shape[1], impl, model.config.sliding_window)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, **kwargs).last_hidden_state
+        worst, segments = 0.0, 0
+        for r, lens in enumerate(packed["seq_lens"]):
+            start = 0
+            for n in lens:
+                alone = model.model(input_ids=ids[r:r + 1, start:start + n]).last_hidden_state[0]
+                worst = max(worst, (alone - hidden[r, start:start + n]).abs().max().item())
+                start += n
+                segments += 1
+    assert segments > len(packed["seq_lens"])  # rows really hold several documents
+    assert worst < 1e-4
+
+
+def test_without_block_masks_documents_leak_into_each_other(tokenizer):
+    """The check above can fail: position ids alone let attention cross documents."""
+    torch.manual_seed(0)
+    model = build_mlm_model(ModelConfig(preset="tiny"), tokenizer).eval()
+    docs = _encode(tokenizer, cranfield_texts(6))
+    packed = pack_segments(docs, [str(i) for i in range(6)], 512, tokenizer.cls_token_id,
+                           tokenizer.sep_token_id, tokenizer.pad_token_id)
+    ids = torch.as_tensor(packed["input_ids"][:1], dtype=torch.long)
+    kwargs = packed_model_inputs(packed["seq_lens"][:1], ids.shape[1], "sdpa", model.config.sliding_window)
+    n = int(packed["seq_lens"][0][0])
+    with torch.no_grad():
+        leaky = model.model(input_ids=ids, position_ids=kwargs["position_ids"]).last_hidden_state[0, :n]
+        alone = model.model(input_ids=ids[:, :n]).last_hidden_state[0]
+    assert (leaky - alone).abs().max().item() > 10 * 1e-4  # ten times the tolerance used above
+
+
+def test_mlm_masking_rates_and_specials(tokenizer):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 2000, (64, 512), generator=g)
+    ids[:, 0] = tokenizer.cls_token_id
+    ids[:, -40:] = tokenizer.pad_token_id
+    maskable = ids >= 10
+    inputs, labels = mask_tokens(ids, maskable, 0.3, tokenizer.mask_token_id, 10, 2000, generator=g)
+    chosen = labels != IGNORE_INDEX
+    assert not chosen[~maskable].any()  # [CLS]/[PAD] never masked
+    assert chosen.sum().item() / maskable.sum().item() == pytest.approx(0.3, abs=0.01)
+    assert (labels[chosen] == ids[chosen]).all()
+    as_mask = (inputs[chosen] == tokenizer.mask_token_id).float().mean().item()
+    kept = (inputs[chosen] == ids[chosen]).float().mean().item()
+    assert as_mask == pytest.approx(0.8, abs=0.01)
+    assert kept == pytest.approx(0.1, abs=0.01)  # unchanged (plus ~0.05% random draws equal to the original)
+    assert (inputs[~chosen] == ids[~chosen]).all()
