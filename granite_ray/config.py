@@ -71,6 +71,7 @@ class DataConfig(Section):
     max_seq_len: int = Field(1024, ge=8)
     mlm_probability: float = Field(0.3, gt=0, lt=1)
     pack_batch_docs: int = Field(1024, gt=0, description="documents packed together (one partial row each)")
+    read_tasks: int = Field(2, gt=0, description="files read at once (each read task is a process)")
     tokenize_actors: int = Field(1, gt=0)
     tokenize_batch_docs: int = Field(256, gt=0)
     max_docs: int | None = Field(None, gt=0)

@@ -171,7 +171,7 @@ def read_corpus(config: DataConfig, counter=None) -> tuple[ray.data.Dataset, Any
     files = resolve_files(config)
     fs, _ = storage.resolve(files[0])
     lines = ray.data.read_datasource(RecordLinesDatasource([storage.resolve(f)[1] for f in files], filesystem=fs),
-                                     num_cpus=0.25)
+                                     num_cpus=0.25, concurrency=config.read_tasks)
     ds = lines.map_batches(normalize_lines, batch_size=LINES_PER_BLOCK, num_cpus=0.25, fn_kwargs={
         "text_fields": config.text_fields, "id_field": config.id_field, "counter": counter})
     if config.max_docs:

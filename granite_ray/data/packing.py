@@ -26,7 +26,7 @@ def pack_segments(
         raise ValueError(f"max_len {max_len} leaves no room for a segment of {min_fragment} tokens")
     rows: list[np.ndarray] = []
     row_lens: list[np.ndarray] = []
-    row_docs: list[np.ndarray] = []
+    row_docs: list[list[str]] = []
     row = np.full(max_len, pad_id, dtype=np.int32)
     pos = 0
     lens: list[int] = []
@@ -36,7 +36,7 @@ def pack_segments(
         nonlocal row, pos, lens, docs
         rows.append(row)
         row_lens.append(np.array(lens, dtype=np.int32))
-        row_docs.append(np.array(docs, dtype=object))
+        row_docs.append(docs)
         row = np.full(max_len, pad_id, dtype=np.int32)
         pos, lens, docs = 0, [], []
 

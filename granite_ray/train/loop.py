@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,12 @@ def _objective_for(config_tree: dict, tokenizer_files: dict[str, bytes]):
             (Path(tmp) / name).write_bytes(data)
         tokenizer = load_tokenizer(tmp)
     return config, stage.objective_cls(config, tokenizer)
+
+
+def _log(message: str) -> None:
+    # Written to stdout directly: Ray Train's patched print() would echo each line twice.
+    sys.stdout.write(f"[granite-ray] {message}\n")
+    sys.stdout.flush()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,7 +93,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, device)
         if rank == 0:
-            print(f"[granite-ray] resumed from step {state['step']}", flush=True)
+            _log(f"resumed from step {state['step']}")
 
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -131,8 +138,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           "tokens_seen": state["tokens"]}
                 history.append(record)
                 if rank == 0:
-                    print(f"[granite-ray] step {step}/{tc.max_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                          f"tokens/s {record['tokens_per_s']:.0f}", flush=True)
+                    _log(f"step {step}/{tc.max_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                         f"tokens/s {record['tokens_per_s']:.0f}")
                 window = {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "t0": time.perf_counter()}
             if step % tc.checkpoint_every == 0 and step < tc.max_steps:
                 _report(model, optimizer, scheduler, state, history, rank)
