@@ -24,6 +24,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 READ_CHUNK_BYTES = 8 << 20
 LINES_PER_BLOCK = 4096
+BYTES_PER_BLOCK = 8 << 20
 
 
 @ray.remote(num_cpus=0)
@@ -71,6 +72,7 @@ class RecordLinesDatasource(FileBasedDatasource):
         lineno = 0
         lines: list[bytes] = []
         numbers: list[int] = []
+        size = 0
         while chunk := f.read(READ_CHUNK_BYTES):
             parts = (carry + chunk).split(b"\n")
             carry = parts.pop()
@@ -79,9 +81,10 @@ class RecordLinesDatasource(FileBasedDatasource):
                 if part.strip():
                     lines.append(part)
                     numbers.append(lineno)
-            if len(lines) >= LINES_PER_BLOCK:
-                yield self._block(lines, numbers, path)
-                lines, numbers = [], []
+                    size += len(part)
+                if len(lines) >= LINES_PER_BLOCK or size >= BYTES_PER_BLOCK:
+                    yield self._block(lines, numbers, path)
+                    lines, numbers, size = [], [], 0
         if carry.strip():
             lines.append(carry)
             numbers.append(lineno + 1)
@@ -172,7 +175,9 @@ def read_corpus(config: DataConfig, counter=None) -> tuple[ray.data.Dataset, Any
     fs, _ = storage.resolve(files[0])
     lines = ray.data.read_datasource(RecordLinesDatasource([storage.resolve(f)[1] for f in files], filesystem=fs),
                                      num_cpus=0.25, concurrency=config.read_tasks)
-    ds = lines.map_batches(normalize_lines, batch_size=LINES_PER_BLOCK, num_cpus=0.25, fn_kwargs={
+    # batch_size=None: one call per read block, so when Ray fuses this step into the tokenizer's
+    # actor the bundles stay the tokenizer's batch size rather than growing to whole files.
+    ds = lines.map_batches(normalize_lines, batch_size=None, num_cpus=0.25, fn_kwargs={
         "text_fields": config.text_fields, "id_field": config.id_field, "counter": counter})
     if config.max_docs:
         ds = ds.limit(config.max_docs)
