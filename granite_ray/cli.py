@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         from granite_ray.stages import STAGES
 
         stage = STAGES[args.command]
-        config = load_config(stage.config_cls, args.config, args.overrides)
+        config = load_config(stage.config_cls, args.config, [f"stage={args.command}", *args.overrides])
         stage.run(config)
         return 0
     except ConfigError as err:

@@ -90,11 +90,21 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-5, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)
-    schedule: Literal["wsd", "constant"] = "wsd"
+    schedule: Literal["wsd", "constant", "decay"] = "wsd"
     warmup_fraction: float = Field(0.1, ge=0, le=1)
     decay_fraction: float = Field(0.1, ge=0, le=1)
     clip_grad_norm: float | None = Field(1.0, gt=0)
+    sharding: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (sharding=deepspeed)")
+    offload: bool = Field(False, description="DeepSpeed: optimizer (and ZeRO-3 parameter) offload to CPU")
+    activation_checkpointing: bool = False
+    record_samples: bool = Field(False, description="log the document ids of every trained row (samples.jsonl), "
+                                 "kept across resumes: an audit that no row is trained twice or skipped")
+    data_sharding: Literal["split", "stride"] = Field(
+        "split", description="split: Ray streams each row to one worker (fast, order varies run to run); "
+        "stride: every worker streams all rows in order and keeps its k-th (reproducible, exact resume)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    peak_flops: float | None = Field(None, gt=0, description="per-worker peak FLOP/s for MFU; None: measured (CPU) or looked up (GPU)")
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker failures tolerated before the run fails; -1: unlimited")
@@ -123,11 +133,24 @@ class StageConfig(Section):
 
 
 class PretrainMLMConfig(StageConfig):
-    stage: Literal["pretrain-mlm"] = "pretrain-mlm"
+    """Encoder pretraining (paper section 2.3): stage 1 MLM, stage 2 context extension, stage 3 LR decay.
+
+    All three share the objective; they differ in context length, RoPE thetas and schedule.
+    """
+
+    stage: Literal["pretrain-mlm", "extend-context", "decay-lr"] = "pretrain-mlm"
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _continues_from_an_artifact(self) -> "PretrainMLMConfig":
+        if self.stage != "pretrain-mlm" and not self.model.init_from:
+            raise ValueError(f"model.init_from: stage {self.stage} continues from the previous stage's artifact URI")
+        if self.data.max_seq_len > self.model.max_position_embeddings:
+            raise ValueError("data.max_seq_len: longer than model.max_position_embeddings")
+        return self
 
 
 class TrainTokenizerConfig(StageConfig):

@@ -35,18 +35,23 @@ def run_demo(output: str, overrides: list[str]) -> None:
 
 
 def show_artifact(artifact: str) -> None:
-    """Load the artifact as a SentenceTransformer and rank a few sample documents, as a user would."""
+    """Load the artifact as a user would: as a SentenceTransformer, and as a masked LM filling blanks."""
+    import torch
     from sentence_transformers import SentenceTransformer
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     metrics = [json.loads(line) for line in (Path(artifact) / "metrics.jsonl").read_text().splitlines()]
     print(f"[demo] MLM loss {metrics[0]['loss']:.3f} (step {metrics[0]['step']}) -> "
-          f"{metrics[-1]['loss']:.3f} (step {metrics[-1]['step']})", flush=True)
-    model = SentenceTransformer(artifact, device="cpu")
-    docs = [json.loads(line) for line in (SAMPLE / "cranfield.jsonl").read_text().splitlines()[:50]]
-    texts = [f"{d['title']}\n{d['text']}" for d in docs]
-    query = docs[7]["title"]
-    scores = model.similarity(model.encode([query]), model.encode(texts))[0]
-    best = int(scores.argmax())
-    print(f"[demo] SentenceTransformer({artifact!r}) -> {model.get_sentence_embedding_dimension()}-dim embeddings")
-    print(f"[demo] query {query!r}\n[demo] top document {docs[best]['_id']}: {docs[best]['title']!r} "
-          f"(cosine {float(scores[best]):.3f}; an MLM-only encoder is not yet a retriever)")
+          f"{metrics[-1]['loss']:.3f} (step {metrics[-1]['step']}); loss curve: {Path(artifact) / 'loss.png'}", flush=True)
+    embedder = SentenceTransformer(artifact, device="cpu")
+    vectors = embedder.encode(["boundary layer transition on a flat plate", "supersonic flow past a cone"])
+    print(f"[demo] SentenceTransformer({artifact!r}).encode -> {vectors.shape} (CLS pooling)")
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    mlm = AutoModelForMaskedLM.from_pretrained(artifact).eval()
+    text = "the effect of the boundary [MASK] on heat transfer"
+    batch = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        logits = mlm(**batch).logits[0]
+    masked = int((batch["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0])
+    guesses = [tokenizer.decode([i]).strip() for i in logits[masked].topk(5).indices.tolist()]
+    print(f"[demo] fill-mask {text!r}: {guesses}")

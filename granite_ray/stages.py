@@ -21,4 +21,7 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "train-tokenizer": Stage(TrainTokenizerConfig, run_train_tokenizer, help="train a BPE tokenizer on a streamed corpus"),
     "pretrain-mlm": Stage(PretrainMLMConfig, run_pretrain_mlm, MLMObjective, help="stage 1: masked-LM pretraining"),
+    "extend-context": Stage(PretrainMLMConfig, run_pretrain_mlm, MLMObjective,
+                            help="stage 2: MLM at long context with a larger global RoPE theta, constant LR"),
+    "decay-lr": Stage(PretrainMLMConfig, run_pretrain_mlm, MLMObjective, help="stage 3: MLM with a 1-sqrt LR decay"),
 }

@@ -6,7 +6,6 @@ Started and stopped by PID (never by name), data in a temporary directory.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -8,7 +8,6 @@ read in bounded chunks: memory does not grow with file or corpus size.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,16 +28,18 @@ BYTES_PER_BLOCK = 8 << 20
 
 @ray.remote(num_cpus=0)
 class DropCounter:
-    """Totals of dropped rows by reason, fed by every normalize task."""
+    """Dropped rows by reason, fed by every normalize task. Rows are keyed by file and line, so
+    a row met again (another epoch, another worker's pass) is counted once."""
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self.rows: dict[str, set[str]] = {}
 
-    def add(self, counts: dict[str, int]) -> None:
-        self.counts.update(counts)
+    def add(self, dropped: list[tuple[str, str]]) -> None:
+        for reason, row in dropped:
+            self.rows.setdefault(reason, set()).add(row)
 
     def totals(self) -> dict[str, int]:
-        return dict(self.counts)
+        return {reason: len(rows) for reason, rows in sorted(self.rows.items())}
 
 
 class RecordLinesDatasource(FileBasedDatasource):
@@ -124,35 +125,33 @@ def normalize_record(record: Any, text_fields: list[str], id_field: str, fallbac
     return str(doc_id), "\n".join(pieces)
 
 
-def _finish(ids: list[str], texts: list[str], dropped: Counter, counter) -> dict[str, np.ndarray]:
+def _finish(ids: list[str], texts: list[str], dropped: list[tuple[str, str]], counter) -> dict[str, np.ndarray]:
     if dropped:
-        ray.get(counter.add.remote(dict(dropped)))  # counted before the batch moves on
+        ray.get(counter.add.remote(dropped))  # counted before the batch moves on
     return {"id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
 
 
 def normalize_lines(batch: dict[str, np.ndarray], text_fields: list[str], id_field: str, counter) -> dict[str, np.ndarray]:
     ids: list[str] = []
     texts: list[str] = []
-    dropped: Counter = Counter()
+    dropped: list[tuple[str, str]] = []
     for line, source, lineno in zip(batch["line"], batch["source"], batch["lineno"]):
+        where = f"{source}:{lineno}"
         try:
             record = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
-            dropped["invalid_utf8"] += 1
+            dropped.append(("invalid_utf8", where))
             continue
         except json.JSONDecodeError:
-            dropped["bad_json"] += 1
+            dropped.append(("bad_json", where))
             continue
-        _take(normalize_record(record, text_fields, id_field, f"{source}:{lineno}"), ids, texts, dropped)
+        result = normalize_record(record, text_fields, id_field, where)
+        if isinstance(result, str):
+            dropped.append((result, where))
+        else:
+            ids.append(result[0])
+            texts.append(result[1])
     return _finish(ids, texts, dropped, counter)
-
-
-def _take(result: tuple[str, str] | str, ids: list, texts: list, dropped: Counter) -> None:
-    if isinstance(result, str):
-        dropped[result] += 1
-    else:
-        ids.append(result[0])
-        texts.append(result[1])
 
 
 def resolve_files(config: DataConfig) -> list[str]:

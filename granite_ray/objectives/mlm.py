@@ -14,6 +14,7 @@ from granite_ray.config import PretrainMLMConfig
 from granite_ray.data.masking import mask_tokens
 from granite_ray.model import build_mlm_model, save_artifact
 from granite_ray.tokenizer import SPECIAL_TOKENS
+from granite_ray.train.metrics import encoder_flops_per_token
 
 
 class MLMObjective:
@@ -29,6 +30,9 @@ class MLMObjective:
         self.attn_implementation = model.config._attn_implementation
         self.half_window = model.config.sliding_window
         return model
+
+    def flops_per_token(self, model: torch.nn.Module) -> float:
+        return encoder_flops_per_token(model.config, self.config.data.max_seq_len, self.config.data.mlm_probability)
 
     def reseed(self, rank: int, step: int) -> None:
         """Masks differ across workers and continue deterministically after a resume."""

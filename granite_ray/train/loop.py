@@ -1,9 +1,10 @@
 """The one Ray Train loop. Stages differ by their objective and data, never by a copy of this loop.
 
-An objective provides: build_model(), reseed(rank, micro_step), batch_inputs(batch, device),
-loss(model, inputs) and save_artifact(model, uri, extra_files). The loop owns the optimizer,
-schedule, gradient accumulation and clipping, mixed precision, logging, checkpoints (safetensors,
-to a local or s3:// storage path) and resume from the latest checkpoint.
+An objective provides: build_model(), flops_per_token(model), reseed(rank, micro_step),
+batch_inputs(batch, device), loss(model, inputs) and save_artifact(model, uri, extra_files).
+The loop owns the parallel strategy (granite_ray.train.parallel), gradient accumulation, mixed
+precision, metrics, checkpoints (safetensors, to a local or s3:// storage path) and resume from
+the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from granite_ray import storage
 from granite_ray.config import StageConfig
-from granite_ray.train.optim import build_optimizer, build_scheduler
+from granite_ray.train.metrics import MetricsLog, loss_plot_png, peak_flops
+from granite_ray.train.parallel import STRATEGIES
 
 
 def _objective_for(config_tree: dict, tokenizer_files: dict[str, bytes]):
@@ -49,10 +53,6 @@ def _log(message: str) -> None:
     sys.stdout.flush()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def _global_sum(values: list[float], device: torch.device) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -61,20 +61,39 @@ def _global_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _save_checkpoint(model, optimizer, scheduler, state: dict, directory: Path) -> None:
-    save_model(_unwrap(model), str(directory / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optimizer.pt")
-    (directory / "trainer_state.json").write_text(json.dumps(state))
+def _save_checkpoint(strategy, state: dict, samples: list[dict], directory: Path, rank: int) -> None:
+    """Collective: every rank takes part in gathering weights and optimizer state."""
+    weights = strategy.full_state_dict()
+    if rank == 0:
+        save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(directory / "model.safetensors"))
+        (directory / "trainer_state.json").write_text(json.dumps(state))
+        if samples:
+            (directory / SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in samples))
+    strategy.save_state(directory)
 
 
-def _load_checkpoint(checkpoint: Checkpoint, model, optimizer, scheduler, device) -> dict:
+def _restore(model: torch.nn.Module, checkpoint: Checkpoint) -> tuple[dict, list[dict]]:
+    """Weights into the plain model, the trainer state, and the sample log up to the checkpoint."""
     with checkpoint.as_directory() as d:
-        d = Path(d)
-        load_model(_unwrap(model), str(d / "model.safetensors"), device=str(device))
-        opt = torch.load(d / "optimizer.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        return json.loads((d / "trainer_state.json").read_text())
+        model.load_state_dict(load_file(str(Path(d) / "model.safetensors")), strict=False)
+        samples_path = Path(d) / SAMPLES_FILE
+        samples = [json.loads(line) for line in samples_path.read_text().splitlines()] if samples_path.exists() else []
+        return json.loads((Path(d) / "trainer_state.json").read_text()), samples
+
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def _stride_rows(batches, rank: int, world: int, skip: int):
+    """Deterministic sharding: row k of the (ordered) stream goes to worker k % world; the first
+    `skip` rows, already trained before a resume, are passed over."""
+    index = 0
+    for batch in batches:
+        n = len(batch["input_ids"])
+        keep = [i for i in range(n) if index + i >= skip and (index + i) % world == rank]
+        index += n
+        if keep:
+            yield {k: v[keep] for k, v in batch.items()}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -85,83 +104,125 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(tc.seed)
 
-    model = ray.train.torch.prepare_model(objective.build_model())
-    optimizer = build_optimizer(_unwrap(model), tc)
-    scheduler = build_scheduler(optimizer, tc)
-    state = {"step": 0, "tokens": 0, "epoch": 0}
+    model = objective.build_model()
+    state = {"step": 0, "tokens": 0, "epoch": 0, "epoch_rows": 0}
+    samples: list[dict] = []  # with train.record_samples: the rows each step trained on, per worker
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, device)
+        state, samples = _restore(model, checkpoint)
+    flops_per_token = objective.flops_per_token(model)
+    strategy = STRATEGIES[tc.sharding](model, tc, device)
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            strategy.load_state(Path(d))
         if rank == 0:
             _log(f"resumed from step {state['step']}")
 
+    log = MetricsLog(storage.join(config.storage_path, config.run_name), state["step"]) if rank == 0 else None
+    peak = peak_flops(device, tc.peak_flops)
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     shard = ray.train.get_dataset_shard("train")
-    history: list[dict] = []
     window = {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "t0": time.perf_counter()}
     micro = 0
-    model.train()
+    strategy.model.train()
 
     while state["step"] < tc.max_steps:
         seen_batch = False
-        for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2):
+        batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2)
+        if tc.data_sharding == "stride":
+            # `epoch_rows` counts the rows all workers have trained on this epoch: a resume skips them.
+            batches = _rebatch(_stride_rows(batches, rank, world, state["epoch_rows"]), tc.batch_size)
+        for batch in batches:
             seen_batch = True
             objective.reseed(rank, state["step"] * tc.grad_accum_steps + micro % tc.grad_accum_steps)
             inputs = objective.batch_inputs(batch, device)
             boundary = (micro + 1) % tc.grad_accum_steps == 0
-            no_sync = model.no_sync() if (world > 1 and not boundary and hasattr(model, "no_sync")) else contextlib.nullcontext()
-            with no_sync, autocast():
-                loss = objective.loss(model, inputs) / tc.grad_accum_steps
-            loss.backward()
+            with strategy.accumulating(boundary), autocast():
+                loss = objective.loss(strategy.model, inputs) / tc.grad_accum_steps
+            strategy.backward(loss, boundary)
             micro += 1
             window["loss"] += loss.item()
             window["micro"] += 1
             window["tokens"] += inputs["_tokens"]
             window["slots"] += inputs["_slots"]
+            window.setdefault("rows", 0)
+            window["rows"] += len(batch["input_ids"])
+            if tc.record_samples:
+                window.setdefault("ids", []).extend("|".join(map(str, ids)) for ids in batch["doc_ids"])
             if not boundary:
                 continue
-            if tc.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = strategy.lr()  # the rate this update used
+            strategy.step()
             state["step"] += 1
             step = state["step"]
+            state["epoch_rows"] += int(_global_sum([window.pop("rows")], device)[0])
+            if tc.record_samples:
+                ids = window.pop("ids", [])
+                gathered = [ids]
+                if world > 1:
+                    gathered = [None] * world
+                    dist.all_gather_object(gathered, ids)
+                samples.extend({"step": step, "rank": r, "rows": rows} for r, rows in enumerate(gathered))
             if step % tc.log_every == 0 or step == tc.max_steps:
                 loss_sum, n, tokens, slots = _global_sum(
                     [window["loss"] * tc.grad_accum_steps, window["micro"], window["tokens"], window["slots"]], device)
                 elapsed = time.perf_counter() - window["t0"]
                 state["tokens"] += int(tokens)
-                record = {"step": step, "loss": loss_sum / n, "lr": scheduler.get_last_lr()[0],
+                record = {"step": step, "loss": loss_sum / n, "lr": lr,
                           "tokens_per_s": tokens / elapsed, "packing_efficiency": tokens / max(slots, 1),
-                          "tokens_seen": state["tokens"]}
-                history.append(record)
+                          "mfu": tokens / elapsed * flops_per_token / (peak * world), "tokens_seen": state["tokens"]}
+                state["last"] = record
                 if rank == 0:
+                    log.append(record)
                     _log(f"step {step}/{tc.max_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                         f"tokens/s {record['tokens_per_s']:.0f}")
+                         f"tokens/s {record['tokens_per_s']:.0f} mfu {record['mfu']:.3f}")
                 window = {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "t0": time.perf_counter()}
             if step % tc.checkpoint_every == 0 and step < tc.max_steps:
-                _report(model, optimizer, scheduler, state, history, rank)
+                _report(strategy, state, samples, log, rank)
             if step >= tc.max_steps:
                 break
         if not seen_batch:
             raise RuntimeError("the training dataset produced no batches: check data.paths and data.max_docs")
-        state["epoch"] += 1
+        if state["step"] < tc.max_steps:
+            state["epoch"] += 1
+            state["epoch_rows"] = 0
 
-    extra = {"metrics.jsonl": "".join(json.dumps(r) + "\n" for r in history).encode()}
+    final = strategy.full_state_dict()
     if rank == 0:
-        objective.save_artifact(_unwrap(model), config.output_uri, extra)
-    _report(model, optimizer, scheduler, state, history, rank, final=True)
+        export = objective.build_model()
+        export.load_state_dict(final, strict=False)
+        extra = {"metrics.jsonl": log.jsonl(), "loss.png": loss_plot_png(log.records, f"{config.stage}: {config.run_name}")}
+        if samples:
+            extra[SAMPLES_FILE] = "".join(json.dumps(r) + "\n" for r in samples).encode()
+        objective.save_artifact(export, config.output_uri, extra)
+    _report(strategy, state, samples, log, rank, final=True)
 
 
-def _report(model, optimizer, scheduler, state: dict, history: list[dict], rank: int, final: bool = False) -> None:
-    metrics = {**(history[-1] if history else {}), "step": state["step"], "final": final}
+def _rebatch(rows_batches, batch_size: int):
+    pending: list[dict] = []
+    count = 0
+    for batch in rows_batches:
+        pending.append(batch)
+        count += len(batch["input_ids"])
+        while count >= batch_size:
+            merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:batch_size] for k, v in merged.items()}
+            rest = {k: v[batch_size:] for k, v in merged.items()}
+            count -= batch_size
+            pending = [rest] if count else []
+    if count:
+        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+
+
+def _report(strategy, state: dict, samples: list[dict], log: MetricsLog | None, rank: int, final: bool = False) -> None:
+    """Every worker reports (and writes its shard of the state); rank 0 also writes weights and metrics."""
+    metrics = {**state.get("last", {}), "step": state["step"], "final": final}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            _save_checkpoint(model, optimizer, scheduler, state, Path(tmp))
-            checkpoint = Checkpoint.from_directory(tmp)
+        _save_checkpoint(strategy, state, samples, Path(tmp), rank)
+        if log is not None:
+            log.flush()
+        checkpoint = Checkpoint.from_directory(tmp) if any(Path(tmp).iterdir()) else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
 
 
@@ -183,5 +244,8 @@ def run_training(config: StageConfig, datasets: dict[str, ray.data.Dataset], tok
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[] if tc.data_sharding == "stride" else "all",
+            execution_options=ExecutionOptions(preserve_order=True) if tc.data_sharding == "stride" else None),
     )
     return trainer.fit()

@@ -38,7 +38,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Warmup-stable-decay (Hu et al. 2024): linear warmup, flat, then a 1-sqrt decay to zero.
 
-    `constant` keeps the warmup and drops the decay.
+    `constant` keeps the warmup and drops the decay (stage 2); `decay` is the 1-sqrt decay over
+    every step after the warmup (stage 3).
     """
     total = cfg.max_steps
     warmup = int(round(cfg.warmup_fraction * total))
@@ -46,7 +47,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
-    decay = int(round(cfg.decay_fraction * total))
+    decay = total - warmup if cfg.schedule == "decay" else int(round(cfg.decay_fraction * total))
     decay_start = total - decay
     if decay and step >= decay_start:
         progress = (step - decay_start + 1) / decay

@@ -1,0 +1,81 @@
+"""A training worker killed mid-run: the run resumes from its latest S3 checkpoint, every row once."""
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import psutil
+
+from conftest import REPO, SAMPLE
+from granite_ray import storage
+from granite_ray.config import PretrainMLMConfig, load_config
+
+
+def _train_workers() -> list[psutil.Process]:
+    """Ray Train worker processes of this test session's own local Ray."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_killed_worker_resumes_from_s3_without_repeating_or_skipping_rows(ray_local, bucket, tokenizer_dir, capfd):
+    from granite_ray.pretrain import packed_dataset, run_pretrain_mlm
+    from granite_ray.tokenizer import load_tokenizer
+
+    steps, workers, rows_per_step = 40, 2, 2
+    config = load_config(PretrainMLMConfig, REPO / "configs" / "pretrain_mlm_tiny.yaml", [
+        f"data.paths=[{SAMPLE}/cranfield.jsonl]", f"tokenizer.path={tokenizer_dir}", "data.max_seq_len=64",
+        "train.batch_size=2", f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=5",
+        f"train.num_workers={workers}", "train.cpus_per_worker=0.5", "train.data_sharding=stride",
+        "train.record_samples=true", "train.max_failures=2",
+        f"storage_path=s3://{bucket}/runs", f"output_uri=s3://{bucket}/artifact", "run_name=kill-test",
+    ])
+    errors: list[BaseException] = []
+    runner = threading.Thread(target=lambda: _run(run_pretrain_mlm, config, errors))
+    runner.start()
+
+    # Kill one worker once a checkpoint past the start exists and the run is still going.
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and runner.is_alive() and time.time() < deadline:
+        if storage.exists(f"s3://{bucket}/runs/kill-test/checkpoint_00000010/trainer_state.json"):
+            victims = _train_workers()
+            if victims:
+                killed = victims[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    assert not errors, errors
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert "resumed from step" in capfd.readouterr().out
+
+    samples = [json.loads(line) for line in storage.read_bytes(f"s3://{bucket}/artifact/samples.jsonl").splitlines()]
+    assert sorted({s["step"] for s in samples}) == list(range(1, steps + 1))
+    trained = Counter(row for s in samples for row in s["rows"])
+
+    # The rows the run should have trained on: the first steps x workers x rows of the ordered stream.
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    ray_local.data.DataContext.get_current().execution_options.preserve_order = True
+    packed, _ = packed_dataset(config.data, tokenizer)
+    expected = []
+    for batch in packed.iter_batches(batch_size=64, batch_format="numpy"):
+        expected.extend("|".join(map(str, ids)) for ids in batch["doc_ids"])
+    expected = Counter(expected[:steps * workers * rows_per_step])
+    assert trained == expected  # none twice, none skipped
+    metrics = [json.loads(line) for line in storage.read_bytes(f"s3://{bucket}/runs/kill-test/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+
+
+def _run(fn, config, errors):
+    try:
+        fn(config)
+    except BaseException as err:  # surfaced by the test thread
+        errors.append(err)
