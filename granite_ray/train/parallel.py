@@ -139,10 +139,10 @@ class DeepSpeedStrategy:
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         self.model.backward(loss, scale_wrt_gas=False)  # the loop already divided by the accumulation steps
+        if not boundary:
+            self.model.step()  # the engine counts every micro-step and updates only on the boundary
 
     def step(self) -> None:
-        for _ in range(self.tc.grad_accum_steps - 1):
-            self.model.step()  # the engine counts micro-steps; only the last one updates
         self.model.step()
 
     def lr(self) -> float:
