@@ -11,3 +11,4 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/ingest.py
+	.venv/bin/python benchmarks/train_mlm.py

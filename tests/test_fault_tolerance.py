@@ -30,10 +30,10 @@ def test_killed_worker_resumes_from_s3_without_repeating_or_skipping_rows(ray_lo
     from granite_ray.pretrain import packed_dataset, run_pretrain_mlm
     from granite_ray.tokenizer import load_tokenizer
 
-    steps, workers, rows_per_step = 40, 2, 2
+    steps, workers, rows_per_step = 40, 2, 8
     config = load_config(PretrainMLMConfig, REPO / "configs" / "pretrain_mlm_tiny.yaml", [
         f"data.paths=[{SAMPLE}/cranfield.jsonl]", f"tokenizer.path={tokenizer_dir}", "data.max_seq_len=64",
-        "train.batch_size=2", f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=5",
+        f"train.batch_size={rows_per_step}", f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=5",
         f"train.num_workers={workers}", "train.cpus_per_worker=0.5", "train.data_sharding=stride",
         "train.record_samples=true", "train.max_failures=2",
         f"storage_path=s3://{bucket}/runs", f"output_uri=s3://{bucket}/artifact", "run_name=kill-test",
@@ -46,7 +46,7 @@ def test_killed_worker_resumes_from_s3_without_repeating_or_skipping_rows(ray_lo
     killed = None
     deadline = time.time() + 300
     while killed is None and runner.is_alive() and time.time() < deadline:
-        if storage.exists(f"s3://{bucket}/runs/kill-test/checkpoint_00000010/trainer_state.json"):
+        if storage.exists(f"s3://{bucket}/runs/kill-test/checkpoint_00000005/trainer_state.json"):
             victims = _train_workers()
             if victims:
                 killed = victims[-1].pid
@@ -55,7 +55,8 @@ def test_killed_worker_resumes_from_s3_without_repeating_or_skipping_rows(ray_lo
     runner.join(timeout=600)
     assert not errors, errors
     assert killed is not None, "the run ended before a worker could be killed"
-    assert "resumed from step" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "resumed from step 5" in out or "resumed from step 10" in out, out[-3000:]
 
     samples = [json.loads(line) for line in storage.read_bytes(f"s3://{bucket}/artifact/samples.jsonl").splitlines()]
     assert sorted({s["step"] for s in samples}) == list(range(1, steps + 1))

@@ -27,7 +27,8 @@ def test_stages_chain_by_uri_with_their_own_context_theta_and_schedule(ray_local
     run_pretrain_mlm(_stage("extend-context", "extend_context_tiny.yaml", s2, runs, f"model.init_from={s1}",
                             "train.max_steps=4", "data.max_seq_len=256", "train.batch_size=2", "run_name=chain-2"))
     run_pretrain_mlm(_stage("decay-lr", "decay_lr_tiny.yaml", s3, runs, f"model.init_from={s2}",
-                            "train.max_steps=4", "data.max_seq_len=256", "train.batch_size=2", "run_name=chain-3"))
+                            "train.max_steps=4", "data.max_seq_len=256", "train.batch_size=2", "run_name=chain-3",
+                            "train.activation_checkpointing=true"))
 
     configs = [json.loads((s / "config.json").read_text()) for s in (s1, s2, s3)]
     thetas = [c["rope_parameters"]["full_attention"]["rope_theta"] for c in configs]
