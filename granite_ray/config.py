@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -21,6 +21,13 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def absolute_uri(uri: str | None) -> str | None:
+    """Local paths made absolute where the config is loaded: Ray workers run in other directories."""
+    if uri is None or str(uri).startswith("s3://"):
+        return uri
+    return str(Path(uri).expanduser().resolve())
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -45,6 +52,8 @@ class ModelConfig(Section):
     max_position_embeddings: int = Field(8192, gt=0)
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
+    _absolute = field_validator("init_from")(absolute_uri)
+
     def size(self) -> dict[str, int]:
         """Preset sizes with any explicitly given field taking precedence."""
         sizes = dict(MODEL_PRESETS[self.preset])
@@ -62,6 +71,8 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(2, ge=1)
     train_docs: int = Field(100_000, gt=0, description="documents streamed into tokenizer training")
 
+    _absolute = field_validator("path")(absolute_uri)
+
 
 class DataConfig(Section):
     paths: list[str] = Field(default_factory=list, description="files, directories or globs; local or s3://")
@@ -73,8 +84,12 @@ class DataConfig(Section):
     pack_batch_docs: int = Field(1024, gt=0, description="documents packed together (one partial row each)")
     read_tasks: int = Field(2, gt=0, description="files read at once (each read task is a process)")
     tokenize_actors: int = Field(1, gt=0)
-    tokenize_batch_docs: int = Field(256, gt=0)
     max_docs: int | None = Field(None, gt=0)
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        return [absolute_uri(p) for p in paths]
 
 
 class TrainConfig(Section):
@@ -130,6 +145,8 @@ class StageConfig(Section):
     output_uri: str = Field("outputs/artifact", description="where the final artifact goes: local or s3://")
     ray_address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray")
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    _absolute = field_validator("storage_path", "output_uri")(absolute_uri)
 
 
 class PretrainMLMConfig(StageConfig):

@@ -13,7 +13,8 @@ def test_yaml_with_cli_overrides(tmp_path):
     config = load_config(PretrainMLMConfig, path, ["train.lr=2e-4", "data.text_fields=[title, text]", "model.global_rope_theta=160000"])
     assert config.train.lr == pytest.approx(2e-4)
     assert config.train.max_steps == 10
-    assert config.data.paths == ["a", "b"]
+    # Relative local paths are made absolute where the config is loaded (Ray workers run elsewhere).
+    assert config.data.paths == [str(Path("a").resolve()), str(Path("b").resolve())]
     assert config.data.text_fields == ["title", "text"]
     assert config.model.global_rope_theta == 160000
 

@@ -45,7 +45,7 @@ def test_stages_chain_by_uri_with_their_own_context_theta_and_schedule(ray_local
 
     lrs = {s.name: [json.loads(line)["lr"] for line in (s / "metrics.jsonl").read_text().splitlines()] for s in (s2, s3)}
     assert lrs["stage2"] == pytest.approx([3e-4] * 4)  # constant
-    assert lrs["stage3"] == pytest.approx([3e-4 * (1 - (k / 4) ** 0.5) for k in range(1, 5)])  # 1-sqrt decay to 0
+    assert lrs["stage3"] == pytest.approx([3e-4 * (1 - (k / 4) ** 0.5) for k in range(4)])  # 1-sqrt decay from 3e-4
     assert (s3 / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stage3_log = (runs / "chain-3" / "metrics.jsonl").read_text().splitlines()  # beside the checkpoints
     record = json.loads(stage3_log[-1])
@@ -63,4 +63,5 @@ def test_wsd_schedule_shape():
     m = [lr_multiplier(s, cfg) for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)  # linear warmup
     assert m[10:80] == [1.0] * 70  # stable
-    assert m[80] == pytest.approx(1 - (1 / 20) ** 0.5) and m[99] == pytest.approx(0.0)  # 1-sqrt decay
+    assert m[80] == pytest.approx(1.0) and m[81] == pytest.approx(1 - (1 / 20) ** 0.5)  # 1-sqrt decay
+    assert m[99] == pytest.approx(1 - (19 / 20) ** 0.5) and lr_multiplier(100, cfg) == pytest.approx(0.0)

@@ -37,3 +37,15 @@ def test_ddp_fsdp2_zero2_zero3_agree(ray_local, tmp_path, tokenizer_dir):
     for name, trajectory in losses.items():
         # Same seed, data and masks: only float reduction order differs between strategies.
         assert trajectory == pytest.approx(reference, rel=1e-4, abs=1e-4), (name, trajectory, reference)
+
+
+def test_strided_batches_give_every_worker_equal_disjoint_slices():
+    import numpy as np
+
+    from granite_ray.train.loop import _strided_batches
+
+    stream = [{"input_ids": np.arange(i, i + 5)[:, None], "doc_ids": np.arange(i, i + 5)} for i in (0, 5, 10)]
+    take = lambda rank, skip: [b["doc_ids"].tolist() for b in _strided_batches(iter(stream), rank, 2, 3, skip)]  # noqa: E731
+    assert take(0, 0) == [[0, 1, 2], [6, 7, 8]]
+    assert take(1, 0) == [[3, 4, 5], [9, 10, 11]]  # rows 12-14 make no full global batch: dropped by all
+    assert take(0, 6) == [[6, 7, 8]] and take(1, 6) == [[9, 10, 11]]  # a resume after one global batch

@@ -36,7 +36,7 @@ class MLMObjective:
 
     def reseed(self, rank: int, step: int) -> None:
         """Masks differ across workers and continue deterministically after a resume."""
-        self.generator.manual_seed(self.config.train.seed * 1_000_003 + rank * 7919 + step)
+        self.generator.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, step]).generate_state(1)[0]))
 
     def batch_inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict:
         ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)

@@ -61,21 +61,32 @@ def _global_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _save_checkpoint(strategy, state: dict, samples: list[dict], directory: Path, rank: int) -> None:
-    """Collective: every rank takes part in gathering weights and optimizer state."""
-    weights = strategy.full_state_dict()
+def _save_checkpoint(strategy, weights: dict | None, state: dict, samples: list[dict], directory: Path, rank: int) -> None:
+    """Collective: every rank saves its part of the optimizer state; rank 0 the gathered weights."""
     if rank == 0:
         save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(directory / "model.safetensors"))
         (directory / "trainer_state.json").write_text(json.dumps(state))
         if samples:
-            (directory / SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in samples))
+            (directory / SAMPLES_FILE).write_bytes(_jsonl(samples))
     strategy.save_state(directory)
+
+
+def _jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Strict but for tied output embeddings, which checkpoints may carry or omit."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("decoder.weight")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _restore(model: torch.nn.Module, checkpoint: Checkpoint) -> tuple[dict, list[dict]]:
     """Weights into the plain model, the trainer state, and the sample log up to the checkpoint."""
     with checkpoint.as_directory() as d:
-        model.load_state_dict(load_file(str(Path(d) / "model.safetensors")), strict=False)
+        load_weights(model, load_file(str(Path(d) / "model.safetensors")))
         samples_path = Path(d) / SAMPLES_FILE
         samples = [json.loads(line) for line in samples_path.read_text().splitlines()] if samples_path.exists() else []
         return json.loads((Path(d) / "trainer_state.json").read_text()), samples
@@ -84,16 +95,31 @@ def _restore(model: torch.nn.Module, checkpoint: Checkpoint) -> tuple[dict, list
 SAMPLES_FILE = "samples.jsonl"
 
 
-def _stride_rows(batches, rank: int, world: int, skip: int):
-    """Deterministic sharding: row k of the (ordered) stream goes to worker k % world; the first
-    `skip` rows, already trained before a resume, are passed over."""
-    index = 0
+def _new_window() -> dict:
+    """Sums over the steps since the last log line (rows and ids: since the last step)."""
+    return {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "rows": 0, "step_tokens": 0, "ids": [],
+            "t0": time.perf_counter()}
+
+
+def _strided_batches(batches, rank: int, world: int, batch_size: int, skip: int):
+    """Deterministic sharding: the ordered stream is cut into global batches of world x batch_size
+    rows and worker r takes the r-th slice of each. Every worker sees the same global batches (an
+    incomplete last one is dropped), so all take the same number of steps; the first `skip` rows,
+    trained before a resume, are passed over."""
+    group = world * batch_size
+    pending: dict[str, np.ndarray] | None = None
+    seen = 0
     for batch in batches:
         n = len(batch["input_ids"])
-        keep = [i for i in range(n) if index + i >= skip and (index + i) % world == rank]
-        index += n
-        if keep:
-            yield {k: v[keep] for k, v in batch.items()}
+        start = min(max(skip - seen, 0), n)
+        seen += n
+        if start == n:
+            continue
+        batch = {k: v[start:] for k, v in batch.items()}
+        pending = batch if pending is None else {k: np.concatenate([pending[k], batch[k]]) for k in batch}
+        while len(pending["input_ids"]) >= group:
+            yield {k: v[rank * batch_size:(rank + 1) * batch_size] for k, v in pending.items()}
+            pending = {k: v[group:] for k, v in pending.items()}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -123,7 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     shard = ray.train.get_dataset_shard("train")
-    window = {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "t0": time.perf_counter()}
+    window = _new_window()
     micro = 0
     strategy.model.train()
 
@@ -132,7 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2)
         if tc.data_sharding == "stride":
             # `epoch_rows` counts the rows all workers have trained on this epoch: a resume skips them.
-            batches = _rebatch(_stride_rows(batches, rank, world, state["epoch_rows"]), tc.batch_size)
+            batches = _strided_batches(batches, rank, world, tc.batch_size, state["epoch_rows"])
         for batch in batches:
             seen_batch = True
             objective.reseed(rank, state["step"] * tc.grad_accum_steps + micro % tc.grad_accum_steps)
@@ -142,23 +168,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 loss = objective.loss(strategy.model, inputs) / tc.grad_accum_steps
             strategy.backward(loss, boundary)
             micro += 1
-            window["loss"] += loss.item()
+            window["loss"] += loss.detach()
             window["micro"] += 1
             window["tokens"] += inputs["_tokens"]
+            window["step_tokens"] += inputs["_tokens"]
             window["slots"] += inputs["_slots"]
-            window.setdefault("rows", 0)
             window["rows"] += len(batch["input_ids"])
             if tc.record_samples:
-                window.setdefault("ids", []).extend("|".join(map(str, ids)) for ids in batch["doc_ids"])
+                window["ids"].extend("|".join(map(str, ids)) for ids in batch["doc_ids"])
             if not boundary:
                 continue
             lr = strategy.lr()  # the rate this update used
             strategy.step()
             state["step"] += 1
             step = state["step"]
-            state["epoch_rows"] += int(_global_sum([window.pop("rows")], device)[0])
+            rows, tokens = _global_sum([window["rows"], window["step_tokens"]], device)
+            state["epoch_rows"] += int(rows)
+            state["tokens"] += int(tokens)
+            window["rows"] = window["step_tokens"] = 0
             if tc.record_samples:
-                ids = window.pop("ids", [])
+                ids, window["ids"] = window["ids"], []
                 gathered = [ids]
                 if world > 1:
                     gathered = [None] * world
@@ -166,9 +195,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 samples.extend({"step": step, "rank": r, "rows": rows} for r, rows in enumerate(gathered))
             if step % tc.log_every == 0 or step == tc.max_steps:
                 loss_sum, n, tokens, slots = _global_sum(
-                    [window["loss"] * tc.grad_accum_steps, window["micro"], window["tokens"], window["slots"]], device)
+                    [float(window["loss"]) * tc.grad_accum_steps, window["micro"], window["tokens"], window["slots"]], device)
                 elapsed = time.perf_counter() - window["t0"]
-                state["tokens"] += int(tokens)
                 record = {"step": step, "loss": loss_sum / n, "lr": lr,
                           "tokens_per_s": tokens / elapsed, "packing_efficiency": tokens / max(slots, 1),
                           "mfu": tokens / elapsed * flops_per_token / (peak * world), "tokens_seen": state["tokens"]}
@@ -177,53 +205,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     log.append(record)
                     _log(f"step {step}/{tc.max_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
                          f"tokens/s {record['tokens_per_s']:.0f} mfu {record['mfu']:.3f}")
-                window = {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "t0": time.perf_counter()}
+                window = _new_window()
             if step % tc.checkpoint_every == 0 and step < tc.max_steps:
                 _report(strategy, state, samples, log, rank)
             if step >= tc.max_steps:
                 break
-        if not seen_batch:
+        if not seen_batch and state["epoch_rows"] == 0:
             raise RuntimeError("the training dataset produced no batches: check data.paths and data.max_docs")
-        if state["step"] < tc.max_steps:
+        if state["step"] < tc.max_steps:  # the epoch is over (or was, at the checkpoint we resumed from)
             state["epoch"] += 1
-            state["epoch_rows"] = 0
+            state["epoch_rows"] = window["rows"] = 0
 
-    final = strategy.full_state_dict()
-    if rank == 0:
+    final = _report(strategy, state, samples, log, rank, final=True)
+    if rank == 0:  # after the last collective, so slow uploads keep no worker waiting
         export = objective.build_model()
-        export.load_state_dict(final, strict=False)
+        load_weights(export, final)
         extra = {"metrics.jsonl": log.jsonl(), "loss.png": loss_plot_png(log.records, f"{config.stage}: {config.run_name}")}
         if samples:
-            extra[SAMPLES_FILE] = "".join(json.dumps(r) + "\n" for r in samples).encode()
+            extra[SAMPLES_FILE] = _jsonl(samples)
         objective.save_artifact(export, config.output_uri, extra)
-    _report(strategy, state, samples, log, rank, final=True)
 
 
-def _rebatch(rows_batches, batch_size: int):
-    pending: list[dict] = []
-    count = 0
-    for batch in rows_batches:
-        pending.append(batch)
-        count += len(batch["input_ids"])
-        while count >= batch_size:
-            merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
-            yield {k: v[:batch_size] for k, v in merged.items()}
-            rest = {k: v[batch_size:] for k, v in merged.items()}
-            count -= batch_size
-            pending = [rest] if count else []
-    if count:
-        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+def _report(strategy, state: dict, samples: list[dict], log: MetricsLog | None, rank: int, final: bool = False) -> dict | None:
+    """Every worker reports (and writes its shard of the state); rank 0 also writes weights and metrics.
 
-
-def _report(strategy, state: dict, samples: list[dict], log: MetricsLog | None, rank: int, final: bool = False) -> None:
-    """Every worker reports (and writes its shard of the state); rank 0 also writes weights and metrics."""
+    Returns the gathered weights on rank 0."""
     metrics = {**state.get("last", {}), "step": state["step"], "final": final}
+    weights = strategy.full_state_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        _save_checkpoint(strategy, state, samples, Path(tmp), rank)
+        _save_checkpoint(strategy, weights, state, samples, Path(tmp), rank)
         if log is not None:
             log.flush()
         checkpoint = Checkpoint.from_directory(tmp) if any(Path(tmp).iterdir()) else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+    return weights
 
 
 def run_training(config: StageConfig, datasets: dict[str, ray.data.Dataset], tokenizer_files: dict[str, bytes]) -> ray.train.Result:

@@ -29,7 +29,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
         # optimi's StableAdamW: AdamW with AdaFactor-style update clipping (Wortsman et al. 2023).
         # Its Triton kernels are for GPUs; on CPU parameters optimi's probe of Triton fails.
-        on_gpu = next(model.parameters()).is_cuda
+        on_gpu = next(model.parameters()).is_cuda and not cfg.offload
         return StableAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                            triton=None if on_gpu else False)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -50,7 +50,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     decay = total - warmup if cfg.schedule == "decay" else int(round(cfg.decay_fraction * total))
     decay_start = total - decay
     if decay and step >= decay_start:
-        progress = (step - decay_start + 1) / decay
+        progress = (step - decay_start) / decay
         return max(0.0, 1.0 - math.sqrt(progress))
     return 1.0
 

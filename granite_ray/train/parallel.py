@@ -149,11 +149,12 @@ class DeepSpeedStrategy:
         return self.scheduler.get_last_lr()[0]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        if self.tc.zero_stage == 3:
-            state = self.model._zero3_consolidated_16bit_state_dict()
-        else:
-            state = self.model.module.state_dict()
-        return {k: v.detach().float().cpu() for k, v in state.items()} if _rank() == 0 else None
+        """The fp32 master weights (not the bf16 working copy), gathered across ZeRO partitions."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in self.model.module.named_parameters()}
+        state.update({name: b.detach().cpu() for name, b in self.model.module.named_buffers()})
+        return state if _rank() == 0 else None
 
     def save_state(self, directory: Path) -> None:
         self.model.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
