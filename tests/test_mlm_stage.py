@@ -67,7 +67,7 @@ def test_mlm_job_submitted_to_a_ray_cluster_succeeds_and_learns(tmp_path):
     assert json.loads((out / "data_stats.json").read_text())["dropped_rows"] == {"empty_text": 2}  # 2 empty cranfield docs
 
 
-def test_mlm_ddp_checkpoints_to_s3_and_resumes_from_them(ray_local, bucket, tmp_path):
+def test_mlm_ddp_checkpoints_to_s3_and_resumes_from_them(ray_local, bucket, tmp_path, capfd):
     from granite_ray.pretrain import run_pretrain_mlm
 
     def config(steps: int, output: str) -> PretrainMLMConfig:
@@ -87,8 +87,12 @@ def test_mlm_ddp_checkpoints_to_s3_and_resumes_from_them(ray_local, bucket, tmp_
     assert any(k.endswith("checkpoint_00000004/optimizer.pt") for k in keys), keys
 
     # Same run name and storage path: Ray Train hands the S3 checkpoint back and training continues at step 5.
+    capfd.readouterr()
     run_pretrain_mlm(config(6, f"s3://{bucket}/artifacts/second"))
+    assert "resumed from step 4" in capfd.readouterr().out
     second = [json.loads(line) for line in storage.read_bytes(f"s3://{bucket}/artifacts/second/metrics.jsonl").splitlines()]
-    assert [m["step"] for m in second] == [5, 6]
+    assert [m["step"] for m in second] == [1, 2, 3, 4, 5, 6]  # the metrics log continues across the resume
+    assert second[:4] == first  # steps 1-4 were not trained again
+    assert second[4]["tokens_seen"] > first[-1]["tokens_seen"]
     with storage.local_copy(f"s3://{bucket}/artifacts/second") as path:
         assert_standard_loaders_agree(path)

@@ -152,8 +152,10 @@ class DeepSpeedStrategy:
         """The fp32 master weights (not the bf16 working copy), gathered across ZeRO partitions."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        state = {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in self.model.module.named_parameters()}
-        state.update({name: b.detach().cpu() for name, b in self.model.module.named_buffers()})
+        module = self.model.module
+        state = {name: safe_get_full_fp32_param(p).detach().cpu() for name, p in module.named_parameters()}
+        persistent = module.state_dict().keys()  # leaves out buffers recomputed at load (RoPE frequencies)
+        state.update({name: b.detach().cpu() for name, b in module.named_buffers() if name in persistent})
         return state if _rank() == 0 else None
 
     def save_state(self, directory: Path) -> None:
