@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -83,13 +84,12 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> No
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _restore(model: torch.nn.Module, checkpoint: Checkpoint) -> tuple[dict, list[dict]]:
+def _restore(model: torch.nn.Module, d: Path) -> tuple[dict, list[dict]]:
     """Weights into the plain model, the trainer state, and the sample log up to the checkpoint."""
-    with checkpoint.as_directory() as d:
-        load_weights(model, load_file(str(Path(d) / "model.safetensors")))
-        samples_path = Path(d) / SAMPLES_FILE
-        samples = [json.loads(line) for line in samples_path.read_text().splitlines()] if samples_path.exists() else []
-        return json.loads((Path(d) / "trainer_state.json").read_text()), samples
+    load_weights(model, load_file(str(d / "model.safetensors")))
+    samples_path = d / SAMPLES_FILE
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines()] if samples_path.exists() else []
+    return json.loads((d / "trainer_state.json").read_text()), samples
 
 
 SAMPLES_FILE = "samples.jsonl"
@@ -134,13 +134,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = {"step": 0, "tokens": 0, "epoch": 0, "epoch_rows": 0}
     samples: list[dict] = []  # with train.record_samples: the rows each step trained on, per worker
     checkpoint = ray.train.get_checkpoint()
+    restore_dir = None
     if checkpoint:
-        state, samples = _restore(model, checkpoint)
+        # A private copy per worker: workers of one node reading one shared download race each other.
+        restore_dir = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix=f"granite-ray-restore-{rank}-")))
+        state, samples = _restore(model, restore_dir)
     flops_per_token = objective.flops_per_token(model)
     strategy = STRATEGIES[tc.sharding](model, tc, device)
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            strategy.load_state(Path(d))
+    if restore_dir:
+        strategy.load_state(restore_dir)
+        shutil.rmtree(restore_dir, ignore_errors=True)
         if rank == 0:
             _log(f"resumed from step {state['step']}")
 
