@@ -18,9 +18,10 @@ from granite_ray.train.loop import run_training
 
 
 def stream_texts(data: DataConfig, limit: int):
-    ds, _ = read_corpus(data)
+    ds, counter = read_corpus(data)
     for row in ds.limit(limit).iter_rows():
         yield row["text"]
+    ray.kill(counter)
 
 
 def obtain_tokenizer(tok_cfg: TokenizerConfig, data: DataConfig, model_init_from: str | None = None):

@@ -72,12 +72,17 @@ def boto3_client():
     )
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it (bucket/key for S3, absolute for local)."""
+def bare_path(uri: str) -> str:
+    """The path inside its filesystem: bucket/key for S3, absolute for local."""
     uri = str(uri)
     if is_s3(uri):
-        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        return uri[len("s3://"):].rstrip("/")
+    return str(Path(uri).expanduser().resolve())
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it."""
+    return (s3_filesystem() if is_s3(uri) else pafs.LocalFileSystem()), bare_path(uri)
 
 
 def join(uri: str, *parts: str) -> str:

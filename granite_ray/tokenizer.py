@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import tempfile
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -47,15 +47,9 @@ def load_tokenizer(uri: str) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, uri: str) -> None:
-    if storage.is_s3(uri):
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save_pretrained(tmp)
-            storage.upload_dir(tmp, uri)
-    else:
-        Path(uri).mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        storage.upload_dir(tmp, uri)
 
 
 def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:

@@ -172,7 +172,7 @@ def read_corpus(config: DataConfig, counter=None) -> tuple[ray.data.Dataset, Any
     counter = counter or DropCounter.remote()
     files = resolve_files(config)
     fs, _ = storage.resolve(files[0])
-    lines = ray.data.read_datasource(RecordLinesDatasource([storage.resolve(f)[1] for f in files], filesystem=fs),
+    lines = ray.data.read_datasource(RecordLinesDatasource([storage.bare_path(f) for f in files], filesystem=fs),
                                      num_cpus=0.25, concurrency=config.read_tasks)
     # batch_size=None: one call per read block, so when Ray fuses this step into the tokenizer's
     # actor the bundles stay the tokenizer's batch size rather than growing to whole files.
