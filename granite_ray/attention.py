@@ -1,9 +1,11 @@
 """Attention over packed rows: each segment attends only to itself, as if encoded alone.
 
-One interface, two mechanisms chosen by the model's attention implementation:
-- sdpa / eager (CPU, and GPUs without flash-attn): block-diagonal 4D masks, one for global
-  layers and one for ModernBERT's sliding-window layers;
-- flash_attention_2 (GPU): no mask; cumulative segment lengths drive flash-attn's varlen kernel.
+One interface, three mechanisms chosen by the model's attention implementation:
+- flash_attention_2 (GPU): no mask; cumulative segment lengths drive flash-attn's varlen kernel;
+- sdpa_varlen (CPU, and GPUs without flash-attn): the same cumulative lengths, each segment
+  attended alone by PyTorch sdpa, so attention costs sum(len^2) rather than rows x row_len^2;
+- sdpa / eager: block-diagonal 4D masks, one for global layers and one for ModernBERT's
+  sliding-window layers (the reference the other two are tested against).
 Positions restart at 0 in every segment, so RoPE sees the same positions as unpacked input.
 The padding at the end of a row is treated as one more segment, whose outputs are ignored.
 """
@@ -13,6 +15,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa_varlen")
 
 
 def full_segment_lengths(seq_lens: Sequence[Sequence[int]], row_len: int) -> list[list[int]]:
@@ -54,7 +61,7 @@ def packed_model_inputs(seq_lens: Sequence[Sequence[int]], row_len: int, attn_im
                         device=None, dtype: torch.dtype = torch.float32) -> dict:
     """Keyword arguments for a ModernBERT forward over packed rows of `row_len` tokens."""
     segments, positions = segment_ids_and_positions(seq_lens, row_len, device)
-    if attn_implementation == "flash_attention_2":
+    if attn_implementation in VARLEN_IMPLEMENTATIONS:
         lens = torch.tensor([n for row in full_segment_lengths(seq_lens, row_len) for n in row], dtype=torch.int32)
         cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(device)
         longest = int(lens.max())
@@ -65,3 +72,45 @@ def packed_model_inputs(seq_lens: Sequence[Sequence[int]], row_len: int, attn_im
         }
     additive = dtype if attn_implementation == "eager" else None
     return {"attention_mask": block_diagonal_masks(segments, half_window, additive), "position_ids": positions}
+
+
+def _band(length: int, sliding_window: int | None, device) -> torch.Tensor | None:
+    """ModernBERT passes sliding_window = half window + 1 (flash-attn's inclusive bound)."""
+    if sliding_window is None or length <= sliding_window:
+        return None
+    idx = torch.arange(length, device=device)
+    return ((idx[:, None] - idx[None, :]).abs() < sliding_window)[None, None]
+
+
+def _equal_length_runs(cu_seq_lens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start token, segment count, length) of each maximal run of consecutive equal-length segments."""
+    bounds = cu_seq_lens.tolist()
+    runs: list[list[int]] = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if runs and runs[-1][2] == end - start:
+            runs[-1][1] += 1
+        else:
+            runs.append([start, 1, end - start])
+    return [tuple(r) for r in runs]
+
+
+def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                        sliding_window: int | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
+    """Rows flattened as flash-attn varlen sees them; each run of equal-length segments is one sdpa
+    call over views (no gathers). Plain sdpa when no lengths are given."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    batch, heads, row_len, head_dim = query.shape
+    flat = [t.transpose(0, 1).reshape(heads, batch * row_len, head_dim) for t in (query, key, value)]
+    outputs = []
+    for start, count, length in _equal_length_runs(cu_seq_lens_q):
+        q, k, v = (t[:, start:start + count * length].reshape(heads, count, length, head_dim).transpose(0, 1) for t in flat)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=_band(length, sliding_window, q.device), dropout_p=dropout, scale=scaling)
+        outputs.append(out.transpose(1, 2).reshape(count * length, heads, head_dim))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return out.reshape(batch, row_len, heads, head_dim), None
+
+
+AttentionInterface.register("sdpa_varlen", sdpa_varlen_forward)
+AttentionMaskInterface.register("sdpa_varlen", sdpa_mask)  # padded (unpacked) batches take sdpa's masks

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from granite_ray.config import ConfigError, load_config
+from granite_ray.evaluate.beir import DatasetError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(stage.config_cls, args.config, [f"stage={args.command}", *args.overrides])
         stage.run(config)
         return 0
-    except ConfigError as err:
+    except (ConfigError, DatasetError) as err:
         print(f"granite-ray {args.command}: {err}", file=sys.stderr)
         return 2
 

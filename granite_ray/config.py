@@ -50,7 +50,7 @@ class ModelConfig(Section):
     local_rope_theta: float = Field(10_000.0, gt=0)
     global_rope_theta: float = Field(10_000.0, gt=0)
     max_position_embeddings: int = Field(8192, gt=0)
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attn_implementation: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = "auto"
 
     _absolute = field_validator("init_from")(absolute_uri)
 
@@ -138,6 +138,23 @@ class StorageConfig(Section):
     region: str | None = None
 
 
+class EncoderConfig(Section):
+    """How a model encodes; unset fields come from the model folder."""
+
+    max_length: int | None = Field(None, gt=2, description="tokens per text, special tokens included")
+    normalize: bool | None = None
+    pooling: Literal["cls", "mean", "lasttoken"] | None = None
+    query_prompt: str | None = None
+    document_prompt: str | None = None
+    token_budget: int = Field(16384, gt=0, description="tokens per packed forward")
+    max_batch: int = Field(512, gt=0, description="texts per forward at most")
+    packed: bool = True
+    long_documents: Literal["truncate", "chunk-mean", "chunk-max"] = "truncate"
+    chunk_overlap: int = Field(100, ge=0)
+    attn_implementation: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
 class StageConfig(Section):
     stage: str
     run_name: str = "granite-ray"
@@ -147,6 +164,67 @@ class StageConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     _absolute = field_validator("storage_path", "output_uri")(absolute_uri)
+
+
+class EvalConfig(StageConfig):
+    """Retrieval evaluation (`granite-ray eval`): models x BEIR folders and/or mteb tasks."""
+
+    stage: Literal["eval"] = "eval"
+    models: list[str] = Field(min_length=1, description="[label=]model folder or s3:// URI (ours, sentence-transformers, HF)")
+    datasets: list[str] = Field(default_factory=list, description="BEIR folders, local or s3://")
+    mteb_tasks: list[str] = Field(default_factory=list, description="mteb task names (needs the hub)")
+    split: str = "test"
+    engine: Literal["ray", "mteb"] = Field("ray", description="ray: our streamed encoding and search; mteb: mteb.evaluate")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    encode_actors: int = Field(1, gt=0, description="Ray Data encoder actors")
+    cpus_per_actor: float = Field(1.0, gt=0, description="also the actor's torch threads (rounded up)")
+    gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs")
+    read_tasks: int = Field(2, gt=0)
+    top_k: int = Field(100, gt=0)
+    output_uri: str = "outputs/eval"
+
+    @model_validator(mode="after")
+    def _has_work(self) -> "EvalConfig":
+        if not self.datasets and not self.mteb_tasks:
+            raise ValueError("datasets: give at least one BEIR folder (or mteb_tasks)")
+        return self
+
+    _absolute_models = field_validator("models")(lambda uris: [_labelled_absolute(u) for u in uris])
+    _absolute_datasets = field_validator("datasets")(lambda uris: [absolute_uri(u) for u in uris])
+
+
+def split_label(entry: str) -> tuple[str, str]:
+    """`label=uri` -> (label, uri); a bare uri is labelled by its last path component."""
+    label, sep, uri = entry.partition("=")
+    if sep and "/" not in label:
+        return label, uri
+    return entry.rstrip("/").rsplit("/", 1)[-1], entry
+
+
+def _labelled_absolute(entry: str) -> str:
+    label, uri = split_label(entry)
+    uri = absolute_uri(uri)
+    return f"{label}={uri}" if "=" in entry and entry.partition("=")[0] == label else uri
+
+
+class SpeedConfig(StageConfig):
+    """Encoding speed by the paper's method (section 5.2): 512-token chunks, 100 overlap, batch 128."""
+
+    stage: Literal["speed"] = "speed"
+    models: list[str] = Field(min_length=1)
+    corpus: str = Field(description="a BEIR folder or a corpus .jsonl, local or s3://")
+    max_docs: int | None = Field(None, gt=0)
+    chunk_tokens: int = Field(512, gt=2)
+    chunk_overlap: int = Field(100, ge=0)
+    batch_size: int = Field(128, gt=0)
+    modes: list[Literal["padded", "packed"]] = Field(default_factory=lambda: ["padded", "packed"], min_length=1)
+    attn_implementation: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    warmup_batches: int = Field(2, ge=0)
+    output_uri: str = "outputs/speed"
+
+    _absolute_lists = field_validator("models")(lambda uris: [absolute_uri(u) for u in uris])
+    _absolute_corpus = field_validator("corpus")(absolute_uri)
 
 
 class PretrainMLMConfig(StageConfig):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 
+import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import ModelConfig, StageConfig, dump_config
 from granite_ray.tokenizer import model_vocab_size
@@ -22,7 +23,7 @@ CONFIG_FILE = "granite_ray.yaml"
 
 
 def resolve_attn_implementation(requested: str) -> str:
-    """`auto`: flash-attn varlen on a GPU that has it, else PyTorch sdpa."""
+    """`auto`: flash-attn varlen on a GPU that has it, else per-segment PyTorch sdpa."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
@@ -32,7 +33,7 @@ def resolve_attn_implementation(requested: str) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return "sdpa_varlen"
 
 
 def rope_parameters(cfg: ModelConfig) -> dict:

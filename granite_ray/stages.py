@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from granite_ray.config import PretrainMLMConfig, StageConfig, TrainTokenizerConfig
+from granite_ray.config import EvalConfig, PretrainMLMConfig, SpeedConfig, StageConfig, TrainTokenizerConfig
 from granite_ray.objectives.mlm import MLMObjective
 from granite_ray.pretrain import run_pretrain_mlm, run_train_tokenizer
 
@@ -24,4 +24,15 @@ STAGES: dict[str, Stage] = {
     "extend-context": Stage(PretrainMLMConfig, run_pretrain_mlm, MLMObjective,
                             help="stage 2: MLM at long context with a larger global RoPE theta, constant LR"),
     "decay-lr": Stage(PretrainMLMConfig, run_pretrain_mlm, MLMObjective, help="stage 3: MLM with a 1-sqrt LR decay"),
+    "eval": Stage(EvalConfig, lambda c: _lazy("granite_ray.evaluate.run", "run_eval")(c),
+                  help="retrieval evaluation on BEIR folders (local or s3://) and mteb tasks"),
+    "speed": Stage(SpeedConfig, lambda c: _lazy("granite_ray.speed", "run_speed")(c),
+                   help="encoding speed by the paper's method: 512-token chunks, 100 overlap, batch 128"),
 }
+
+
+def _lazy(module: str, name: str) -> Callable:
+    """Evaluation pulls in mteb and datasets: imported only when those commands run."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

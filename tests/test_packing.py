@@ -42,7 +42,7 @@ def test_packing_rejects_rows_too_short():
         pack_segments([[1, 2, 3]], ["a"], 4, 0, 1, 2)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa_varlen", "sdpa", "eager"])
 def test_packed_rows_give_the_same_hidden_states_as_documents_alone(tokenizer, impl):
     torch.manual_seed(0)
     # A window of 16 tokens, much shorter than the documents, exercises the sliding-window layers.

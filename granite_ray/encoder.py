@@ -1,0 +1,206 @@
+"""Sentence embeddings from any encoder folder, padding-free.
+
+Reads our artifacts and any sentence-transformers or Hugging Face encoder folder (local or
+s3://): pooling, normalization, prompts and max length come from the folder's sentence-
+transformers files when present. Texts are sorted by length and packed into rows of a token
+budget; each row is one varlen forward (flash-attn on GPU, per-segment sdpa on CPU), so no
+FLOP is spent on padding. `packed=False` gives length-sorted padded batches instead, for
+models whose attention takes no varlen lengths.
+
+Long documents are truncated, or with `long_documents="chunk-mean" | "chunk-max"` cut into
+overlapping windows whose embeddings are aggregated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
+from granite_ray import storage
+from granite_ray.config import EncoderConfig
+from granite_ray.model import resolve_attn_implementation
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def sentence_transformers_settings(folder: Path) -> dict:
+    """Pooling, normalization, max length and prompts as sentence-transformers would load them."""
+    settings: dict = {"pooling": "mean", "normalize": False, "max_length": None, "prompts": {}, "similarity": "cosine"}
+    modules = _read_json(folder / "modules.json") or []
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            pooling = _read_json(folder / module["path"] / "config.json") or {}
+            for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                              ("pooling_mode_lasttoken", "lasttoken")):
+                if pooling.get(key):
+                    settings["pooling"] = name
+                    break
+            else:
+                raise ValueError(f"{folder}: pooling {pooling} is not supported (cls, mean or lasttoken)")
+        elif kind.endswith("Normalize"):
+            settings["normalize"] = True
+    if bert := _read_json(folder / "sentence_bert_config.json"):
+        settings["max_length"] = bert.get("max_seq_length")
+    if st := _read_json(folder / "config_sentence_transformers.json"):
+        settings["prompts"] = st.get("prompts") or {}
+        settings["similarity"] = st.get("similarity_fn_name") or "cosine"
+    return settings
+
+
+class Encoder:
+    def __init__(self, path: str, config: EncoderConfig | None = None, device: str | None = None) -> None:
+        self.config = config = config or EncoderConfig()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with storage.local_copy(path) as folder:
+            folder = Path(folder)
+            settings = sentence_transformers_settings(folder)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            attn = resolve_attn_implementation(config.attn_implementation)
+            if not config.packed and attn in ("sdpa_varlen", "flash_attention_2"):
+                attn = "sdpa"  # truly padded (flash-attn would unpad internally)
+            bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+            self.model = AutoModel.from_pretrained(str(folder), attn_implementation=attn,
+                                                   dtype=torch.bfloat16 if bf16 else torch.float32)
+        self.model.to(self.device).eval()
+        limit = min(x for x in (settings["max_length"], self.tokenizer.model_max_length,
+                                getattr(self.model.config, "max_position_embeddings", None)) if x)
+        self.max_length = min(config.max_length or limit, limit)
+        self.pooling = config.pooling or settings["pooling"]
+        if settings["similarity"] not in ("cosine", "dot"):
+            raise ValueError(f"{path}: similarity {settings['similarity']!r} is not supported (cosine or dot)")
+        self.similarity = settings["similarity"]
+        self.normalize = settings["normalize"] if config.normalize is None else config.normalize
+        prompts = settings["prompts"]
+        self.query_prompt = config.query_prompt if config.query_prompt is not None else prompts.get("query", "")
+        self.document_prompt = (config.document_prompt if config.document_prompt is not None
+                                else prompts.get("document", prompts.get("passage", "")))
+        self.prefix, self.suffix = self._special_frame()
+        self.dimension = self.model.config.hidden_size
+        self.packed = config.packed
+        if self.packed and attn not in ("sdpa_varlen", "flash_attention_2"):
+            raise ValueError(f"encoder.packed needs a varlen attention, not {attn}")
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Content tokens without special tokens (the windows add them)."""
+        return self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+    def _special_frame(self) -> tuple[list[int], list[int]]:
+        """The tokens the tokenizer puts before and after a text's content (e.g. [CLS] ... [SEP])."""
+        framed = self.tokenizer("a")["input_ids"]
+        content = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        for i in range(len(framed) - len(content) + 1):
+            if framed[i:i + len(content)] == content:
+                return framed[:i], framed[i + len(content):]
+        raise ValueError("cannot locate a text's tokens inside its framed encoding")
+
+    def _framed(self, content: list[int]) -> list[int]:
+        return self.prefix + content + self.suffix
+
+    def windows(self, content: list[int], overlap: int) -> list[list[int]]:
+        """Overlapping windows of content tokens, each fitting max_length with its special tokens."""
+        room = self.max_length - (len(self._framed([])))
+        if len(content) <= room:
+            return [content]
+        stride = room - overlap
+        if stride <= 0:
+            raise ValueError(f"chunk_overlap {overlap} leaves no room in windows of {room} tokens")
+        starts = range(0, len(content) - overlap, stride)
+        return [content[s:s + room] for s in starts]
+
+    # -- forward --------------------------------------------------------------------------------
+    def _batches(self, lengths: np.ndarray) -> Iterable[np.ndarray]:
+        """Indices, longest first, grouped to the token budget (padded: budget over longest x count)."""
+        order = np.argsort(-lengths, kind="stable")
+        start = 0
+        while start < len(order):
+            end, used = start, 0
+            while end < len(order) and end - start < self.config.max_batch:
+                cost = lengths[order[end]] if self.packed else lengths[order[start]]
+                if end > start and used + cost > self.config.token_budget:
+                    break
+                used += cost
+                end += 1
+            yield order[start:end]
+            start = end
+
+    @torch.inference_mode()
+    def embed_token_ids(self, sequences: Sequence[list[int]]) -> np.ndarray:
+        """Pooled (not normalized) embeddings of framed token sequences, in input order."""
+        out = np.zeros((len(sequences), self.dimension), dtype=np.float32)
+        lengths = np.array([len(s) for s in sequences])
+        for idx in self._batches(lengths):
+            out[idx] = self.forward_batch([sequences[i] for i in idx]).float().cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def forward_batch(self, batch: list[list[int]]) -> torch.Tensor:
+        """Pooled embeddings of one batch of framed sequences: one varlen row, or padded."""
+        return self._forward_packed(batch) if self.packed else self._forward_padded(batch)
+
+    def _forward_packed(self, batch: list[list[int]]) -> torch.Tensor:
+        lens = torch.tensor([len(s) for s in batch])
+        ids = torch.tensor([t for s in batch for t in s], device=self.device)[None]
+        starts = torch.cumsum(lens, 0) - lens
+        positions = (torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens))[None].to(self.device)
+        cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(self.device)
+        longest = int(lens.max())
+        hidden = self.model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                            max_length_q=longest, max_length_k=longest).last_hidden_state[0]
+        if self.pooling == "cls":
+            return hidden[starts.to(self.device)]
+        if self.pooling == "lasttoken":
+            return hidden[(starts + lens - 1).to(self.device)]
+        segment = torch.repeat_interleave(torch.arange(len(batch)), lens).to(self.device)
+        sums = torch.zeros(len(batch), hidden.shape[-1], dtype=torch.float32, device=self.device)
+        sums.index_add_(0, segment, hidden.float())
+        return sums / lens.to(self.device)[:, None]
+
+    def _forward_padded(self, batch: list[list[int]]) -> torch.Tensor:
+        padded = self.tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(self.device)
+        hidden = self.model(**padded).last_hidden_state
+        mask = padded["attention_mask"]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "lasttoken":
+            return hidden[torch.arange(len(batch), device=self.device), mask.sum(1) - 1]
+        m = mask[..., None].to(torch.float32)
+        return (hidden.float() * m).sum(1) / m.sum(1)
+
+    # -- texts ----------------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str], prompt: str = "", long_documents: str | None = None) -> np.ndarray:
+        """[len(texts), dim] float32 embeddings; the prompt is prepended to each text."""
+        mode = long_documents or self.config.long_documents
+        contents = self.token_ids([prompt + t for t in texts])
+        if mode == "truncate":
+            room = self.max_length - len(self._framed([]))
+            pooled = self.embed_token_ids([self._framed(c[:room]) for c in contents])
+        else:
+            windows = [self.windows(c, self.config.chunk_overlap) for c in contents]
+            flat = self.embed_token_ids([self._framed(w) for ws in windows for w in ws])
+            owner = np.repeat(np.arange(len(texts)), [len(ws) for ws in windows])
+            pooled = np.zeros((len(texts), self.dimension), dtype=np.float32)
+            if mode == "chunk-mean":
+                np.add.at(pooled, owner, flat)
+                pooled /= np.bincount(owner, minlength=len(texts))[:, None]
+            else:
+                pooled[:] = -np.inf
+                np.maximum.at(pooled, owner, flat)
+        if self.normalize:
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return pooled
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encode(texts, self.query_prompt, long_documents="truncate")
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encode(texts, self.document_prompt)

@@ -1,0 +1,122 @@
+"""BEIR-format datasets (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), local or s3://.
+
+Queries and qrels are small and read whole; the corpus is streamed by Ray Data. Documents are
+"title text" joined as mteb joins them, so scores match mteb's on the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from granite_ray import storage
+from granite_ray.data.corpus import RecordLinesDatasource
+
+
+class DatasetError(ValueError):
+    """A BEIR folder is missing a file or its files disagree; the message says where."""
+
+
+@dataclass
+class BeirDataset:
+    uri: str
+    split: str
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def corpus_uri(self) -> str:
+        return storage.join(self.uri, "corpus.jsonl")
+
+
+def _require(uri: str, what: str) -> bytes:
+    if not storage.exists(uri):
+        raise DatasetError(f"{what} not found: {uri}")
+    return storage.read_bytes(uri)
+
+
+def _jsonl(data: bytes, uri: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{uri}:{number}: not JSON ({err.msg})") from None
+    return rows
+
+
+def load_beir(uri: str, split: str = "test") -> BeirDataset:
+    """Queries and qrels of one split, checked against each other."""
+    qrels_uri = storage.join(uri, "qrels", f"{split}.tsv")
+    if not storage.exists(qrels_uri):
+        present = [f.rsplit("/", 1)[-1].removesuffix(".tsv") for f in storage.list_files(storage.join(uri, "qrels"))
+                   if f.endswith(".tsv")] if storage.exists(storage.join(uri, "qrels")) else []
+        raise DatasetError(f"qrels for split {split!r} not found: {qrels_uri} (splits present: {present or 'none'})")
+    if not storage.exists(storage.join(uri, "corpus.jsonl")):
+        raise DatasetError(f"corpus not found: {storage.join(uri, 'corpus.jsonl')}")
+    queries_uri = storage.join(uri, "queries.jsonl")
+    queries = {}
+    for row in _jsonl(_require(queries_uri, "queries"), queries_uri):
+        if "_id" not in row or not isinstance(row.get("text"), str):
+            raise DatasetError(f"{queries_uri}: every query needs _id and text, got {sorted(row)}")
+        queries[str(row["_id"])] = row["text"]
+    qrels: dict[str, dict[str, int]] = {}
+    for number, line in enumerate(storage.read_bytes(qrels_uri).decode("utf-8").splitlines(), 1):
+        fields = line.strip().split("\t")
+        if not line.strip() or (number == 1 and fields[0] == "query-id"):
+            continue
+        if len(fields) != 3:
+            raise DatasetError(f"{qrels_uri}:{number}: expected query-id, corpus-id, score separated by tabs")
+        try:
+            score = int(float(fields[2]))
+        except ValueError:
+            raise DatasetError(f"{qrels_uri}:{number}: score {fields[2]!r} is not a number") from None
+        if fields[0] not in queries:
+            raise DatasetError(f"{qrels_uri}:{number}: query {fields[0]!r} is not in {queries_uri}")
+        qrels.setdefault(fields[0], {})[fields[1]] = score
+    if not qrels:
+        raise DatasetError(f"{qrels_uri}: no relevance judgements")
+    return BeirDataset(uri, split, {q: queries[q] for q in qrels}, qrels)
+
+
+def check_qrels_against_corpus(dataset: BeirDataset, doc_ids: set[str]) -> None:
+    unknown = sorted({d for rel in dataset.qrels.values() for d in rel if d not in doc_ids})
+    if unknown:
+        raise DatasetError(f"{dataset.uri}/qrels/{dataset.split}.tsv names {len(unknown)} document(s) missing from "
+                           f"{dataset.corpus_uri}: {', '.join(unknown[:5])}")
+
+
+def document_text(row: dict) -> str:
+    title, text = row.get("title") or "", row.get("text") or ""
+    return (title + " " + text).strip() if title else text
+
+
+def _documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ids, texts = [], []
+    for line, path, number in zip(batch["line"], batch["source"], batch["lineno"]):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DatasetError(f"{path}:{number}: not a JSON document") from None
+        if not isinstance(row, dict) or "_id" not in row:
+            raise DatasetError(f"{path}:{number}: a corpus document needs an _id")
+        ids.append(str(row["_id"]))
+        texts.append(document_text(row))
+    return {"id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
+
+
+def read_documents(dataset: BeirDataset, read_tasks: int = 2) -> ray.data.Dataset:
+    """A lazily streamed Dataset of {id, text}."""
+    fs, _ = storage.resolve(dataset.corpus_uri)
+    lines = ray.data.read_datasource(RecordLinesDatasource([storage.bare_path(dataset.corpus_uri)], filesystem=fs),
+                                     num_cpus=0.25, concurrency=read_tasks)
+    return lines.map_batches(_documents, batch_size=None, num_cpus=0.25)
+

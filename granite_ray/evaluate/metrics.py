@@ -1,0 +1,44 @@
+"""Retrieval metrics with trec_eval's conventions (as pytrec_eval and mteb compute them).
+
+Inputs: qrels {query_id: {doc_id: relevance}} and a run {query_id: {doc_id: score}}. Ranking
+is by score, ties broken by doc id descending (trec_eval); gains are the graded relevance
+(linear). Every judged query counts; one with no relevant document scores 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def ranked(scores: dict[str, float]) -> list[str]:
+    return [doc for doc, _ in sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
+
+
+def ndcg_at_k(relevant: dict[str, int], ranking: list[str], k: int) -> float:
+    dcg = sum(relevant.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranking[:k]) if relevant.get(doc, 0) > 0)
+    ideal = sorted((r for r in relevant.values() if r > 0), reverse=True)[:k]
+    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return dcg / idcg if idcg else 0.0
+
+
+def recall_at_k(relevant: dict[str, int], ranking: list[str], k: int) -> float:
+    positives = {doc for doc, r in relevant.items() if r > 0}
+    return len(positives.intersection(ranking[:k])) / len(positives) if positives else 0.0
+
+
+def mrr_at_k(relevant: dict[str, int], ranking: list[str], k: int) -> float:
+    for i, doc in enumerate(ranking[:k]):
+        if relevant.get(doc, 0) > 0:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def retrieval_scores(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean NDCG@10, Recall@100 and MRR@10 over judged queries (a query with no results scores 0)."""
+    totals = {"ndcg_at_10": 0.0, "recall_at_100": 0.0, "mrr_at_10": 0.0}
+    for query in qrels:
+        ranking = ranked(run.get(query, {}))
+        totals["ndcg_at_10"] += ndcg_at_k(qrels[query], ranking, 10)
+        totals["recall_at_100"] += recall_at_k(qrels[query], ranking, 100)
+        totals["mrr_at_10"] += mrr_at_k(qrels[query], ranking, 10)
+    return {name: value / max(len(qrels), 1) for name, value in totals.items()} | {"queries": len(qrels)}

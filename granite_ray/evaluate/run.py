@@ -1,0 +1,193 @@
+"""`granite-ray eval`: models x datasets -> NDCG@10, Recall@100, MRR@10; JSON, markdown, PNG.
+
+Engine `ray` (default): queries and the streamed corpus go through one Ray Data pool of encoder
+actors; only ids and embeddings come back to the driver, then an exact blocked top-k search and
+trec_eval-convention metrics. Engine `mteb`: `mteb.evaluate` with our encoder, for BEIR folders
+and for mteb hub tasks by name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import ray
+import torch
+
+from granite_ray import storage
+from granite_ray.config import EncoderConfig, EvalConfig, dump_config, split_label
+from granite_ray.encoder import Encoder
+from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
+from granite_ray.evaluate.metrics import retrieval_scores
+from granite_ray.evaluate.search import top_k
+from granite_ray.runtime import init_ray
+
+METRICS = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
+
+
+def _log(message: str) -> None:
+    sys.stdout.write(f"[granite-ray eval] {message}\n")
+    sys.stdout.flush()
+
+
+class EncodeRows:
+    """Ray Data actor: one encoder per actor; rows of kind "query" get the query prompt.
+
+    Embeddings leave unit-length when the model's similarity is cosine, ready for inner-product search."""
+
+    def __init__(self, model_uri: str, encoder_config: dict, threads: int) -> None:
+        torch.set_num_threads(max(threads, 1))
+        self.encoder = Encoder(model_uri, EncoderConfig(**encoder_config))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        embeddings = np.zeros((len(batch["id"]), self.encoder.dimension), dtype=np.float32)
+        for kind, encode in (("query", self.encoder.encode_queries), ("doc", self.encoder.encode_documents)):
+            rows = np.flatnonzero(batch["kind"] == kind)
+            if len(rows):
+                embeddings[rows] = encode([batch["text"][i] for i in rows])
+        if self.encoder.similarity == "cosine":  # search by inner product
+            embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        return {"id": batch["id"], "kind": batch["kind"], "embedding": embeddings}
+
+
+def _with_kind(kind: str):
+    def tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, "kind": np.full(len(batch["id"]), kind, dtype=object)}
+    return tag
+
+
+def encode_dataset(model_uri: str, dataset: BeirDataset, config: EvalConfig) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """(query ids, query embeddings, doc ids, doc embeddings): the corpus streams through the actor pool."""
+    resources = ray.cluster_resources()
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    wanted = config.encode_actors * config.cpus_per_actor
+    if wanted > resources.get("CPU", 0) - 0.5:
+        # Ray Data would wait forever for CPUs the read tasks still need.
+        raise ValueError(f"encode_actors x cpus_per_actor = {wanted:g} CPUs, but the cluster has "
+                         f"{resources.get('CPU', 0):g}: leave at least 0.5 for reading (lower either)")
+    queries = ray.data.from_items([{"id": q, "text": t} for q, t in dataset.queries.items()])
+    docs = read_documents(dataset, config.read_tasks)
+    rows = queries.map_batches(_with_kind("query"), batch_size=None, num_cpus=0.25).union(
+        docs.map_batches(_with_kind("doc"), batch_size=None, num_cpus=0.25))
+    encoded = rows.map_batches(
+        EncodeRows, fn_constructor_kwargs={"model_uri": model_uri, "encoder_config": config.encoder.model_dump(),
+                                           "threads": math.ceil(config.cpus_per_actor)},
+        batch_size=256, num_cpus=config.cpus_per_actor, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=config.encode_actors))
+    query_ids, doc_ids, query_parts, doc_parts = [], [], [], []
+    start, last_report = time.perf_counter(), time.perf_counter()
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        is_query = batch["kind"] == "query"
+        query_ids.extend(batch["id"][is_query].tolist())
+        query_parts.append(batch["embedding"][is_query])
+        doc_ids.extend(batch["id"][~is_query].tolist())
+        doc_parts.append(batch["embedding"][~is_query])
+        if time.perf_counter() - last_report > 30:
+            last_report = time.perf_counter()
+            _log(f"{dataset.name}: {len(doc_ids)} documents encoded ({len(doc_ids) / (last_report - start):.0f}/s)")
+    if not doc_ids:
+        raise ValueError(f"{dataset.corpus_uri}: the corpus has no documents")
+    doc_matrix = np.concatenate(doc_parts)
+    del doc_parts
+    return query_ids, np.concatenate(query_parts), doc_ids, doc_matrix
+
+
+def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig) -> dict:
+    started = time.perf_counter()
+    query_ids, queries, doc_ids, docs = encode_dataset(model_uri, dataset, config)
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError(f"{dataset.corpus_uri}: document ids are not unique")
+    check_qrels_against_corpus(dataset, set(doc_ids))
+    encoded = time.perf_counter()
+    scores, index = top_k(queries, docs, config.top_k)
+    run = {q: {doc_ids[j]: float(s) for s, j in zip(scores[i], index[i])} for i, q in enumerate(query_ids)}
+    result = retrieval_scores(dataset.qrels, run)
+    result.update(documents=len(doc_ids), encode_seconds=encoded - started, search_seconds=time.perf_counter() - encoded)
+    return result
+
+
+def evaluate_mteb(model_uri: str, tasks: list, config: EvalConfig) -> dict[str, dict]:
+    import mteb
+
+    from granite_ray.evaluate.mteb_adapter import MtebEncoder
+
+    model = MtebEncoder(model_uri, config.encoder)
+    results = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False)
+    out = {}
+    for task_result in results.task_results:
+        scores = task_result.scores[config.split][0] if config.split in task_result.scores else {}
+        out[task_result.task_name] = {"ndcg_at_10": scores.get("ndcg_at_10"), "recall_at_100": scores.get("recall_at_100"),
+                                      "mrr_at_10": scores.get("mrr_at_10"), "main_score": scores.get("main_score")}
+    return out
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+    lines = ["| model | dataset | NDCG@10 | Recall@100 | MRR@10 |", "|---|---|---|---|---|"]
+    for model, per_dataset in results.items():
+        for name, scores in per_dataset.items():
+            cells = [f"{scores[m]:.4f}" if scores.get(m) is not None else "-" for m in METRICS]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart_png(results: dict[str, dict[str, dict]], metric: str = "ndcg_at_10") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({d for per in results.values() for d in per})
+    width = 0.8 / max(len(results), 1)
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(datasets) * max(len(results), 1)), 3.5))
+    for i, (model, per) in enumerate(results.items()):
+        values = [per.get(d, {}).get(metric) or 0.0 for d in datasets]
+        bars = ax.bar(np.arange(len(datasets)) + i * width, values, width, label=model)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(np.arange(len(datasets)) + width * (len(results) - 1) / 2, datasets)
+    ax.set_ylabel(metric.replace("_at_", "@").upper())
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_eval(config: EvalConfig) -> str:
+    """Evaluate every model on every dataset; write results.json, results.md and ndcg_at_10.png."""
+    init_ray(config)
+    datasets = [load_beir(uri, config.split) for uri in config.datasets]  # fail on a bad folder before encoding
+    labels, uris = zip(*(split_label(m) for m in config.models))
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"models: labels {list(labels)} repeat; name them as label=path")
+    results: dict[str, dict[str, dict]] = {}
+    for label, model_uri in zip(labels, uris):
+        results[label] = {}
+        if config.engine == "mteb":
+            from granite_ray.evaluate.mteb_adapter import beir_task, hub_tasks
+
+            tasks = [beir_task(d) for d in datasets] + hub_tasks(config.mteb_tasks)
+            results[label] = evaluate_mteb(model_uri, tasks, config)
+        else:
+            if config.mteb_tasks:
+                raise ValueError("mteb_tasks need engine=mteb")
+            for dataset in datasets:
+                _log(f"{label} on {dataset.name} ({len(dataset.queries)} queries)")
+                results[label][dataset.name] = evaluate_beir(model_uri, dataset, config)
+                _log(f"{label} on {dataset.name}: " + ", ".join(f"{m} {results[label][dataset.name][m]:.4f}" for m in METRICS))
+    table = markdown_table(results)
+    storage.write_bytes(storage.join(config.output_uri, "results.json"),
+                        json.dumps({"split": config.split, "models": dict(zip(labels, uris)), "results": results},
+                                   indent=2).encode())
+    storage.write_bytes(storage.join(config.output_uri, "results.md"), table.encode())
+    storage.write_bytes(storage.join(config.output_uri, "ndcg_at_10.png"), bar_chart_png(results))
+    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    sys.stdout.write(table)
+    _log(f"results written to {config.output_uri}")
+    return config.output_uri
