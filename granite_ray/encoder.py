@@ -84,6 +84,7 @@ class Encoder:
         self.document_prompt = (config.document_prompt if config.document_prompt is not None
                                 else prompts.get("document", prompts.get("passage", "")))
         self.prefix, self.suffix = self._special_frame()
+        self.layer_types = getattr(self.model.config, "layer_types", None)
         self.dimension = self.model.config.hidden_size
         self.packed = config.packed
         if self.packed and attn not in ("sdpa_varlen", "flash_attention_2"):
@@ -154,8 +155,10 @@ class Encoder:
         positions = (torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens))[None].to(self.device)
         cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(self.device)
         longest = int(lens.max())
+        # Models with per-layer-type masks (ModernBERT) would otherwise build L x L masks for the row.
+        masks = {"attention_mask": dict.fromkeys(set(self.layer_types))} if self.layer_types else {}
         hidden = self.model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                            max_length_q=longest, max_length_k=longest).last_hidden_state[0]
+                            max_length_q=longest, max_length_k=longest, **masks).last_hidden_state[0]
         if self.pooling == "cls":
             return hidden[starts.to(self.device)]
         if self.pooling == "lasttoken":

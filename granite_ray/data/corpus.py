@@ -41,6 +41,9 @@ class DropCounter:
     def totals(self) -> dict[str, int]:
         return {reason: len(rows) for reason, rows in sorted(self.rows.items())}
 
+    def examples(self) -> dict[str, list[str]]:
+        return {reason: sorted(rows) for reason, rows in sorted(self.rows.items())}
+
 
 class RecordLinesDatasource(FileBasedDatasource):
     """Raw records as JSON lines: jsonl lines as they are, parquet rows re-encoded, in bounded blocks.

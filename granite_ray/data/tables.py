@@ -1,0 +1,124 @@
+"""Tables from Markdown, HTML, CSV or lists of rows, normalized to headers + rows.
+
+The encoder sees a table linearized as "[CLS] headers [SEP] cells [SEP]" (Granite Embedding R2,
+tabular pretraining): the tokenizer adds the outer [CLS]/[SEP], we join headers and cells with
+its separator token. A table that cannot be read raises TableError naming the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+
+class TableError(ValueError):
+    """A table is empty, ragged beyond repair, or not in a format we read."""
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def linearize(self, sep_token: str = "[SEP]") -> str:
+        cells = " ".join(cell for row in self.rows for cell in row if cell)
+        return f"{' '.join(self.headers)} {sep_token} {cells}"
+
+
+def _normalized(rows: list[list], source: str) -> Table:
+    rows = [[("" if c is None else str(c)).strip() for c in row] for row in rows if row is not None]
+    rows = [row for row in rows if any(row)]
+    if len(rows) < 2:
+        raise TableError(f"{source} table needs a header row and at least one data row, got {len(rows)} row(s)")
+    headers, body = rows[0], rows[1:]
+    width = len(headers)
+    if not any(headers):
+        raise TableError(f"{source} table has an empty header row")
+    for i, row in enumerate(body, 2):
+        if len(row) > width and any(row[width:]):
+            raise TableError(f"{source} table row {i} has {len(row)} cells for {width} headers")
+    return Table(headers, [(row + [""] * width)[:width] for row in body])
+
+
+def from_markdown(text: str) -> Table:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines or not all(line.startswith("|") for line in lines):
+        raise TableError("markdown table lines must start with '|'")
+    rows = []
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if all(set(c) <= set("-: ") and c for c in cells):
+            continue  # the |---|---| rule
+        rows.append(cells)
+    return _normalized(rows, "markdown")
+
+
+class _HTMLTable(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._cell: list[str] | None = None
+        self.tables = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables += 1
+        elif tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            if not self.rows:
+                self.rows.append([])
+            self.rows[-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def from_html(text: str) -> Table:
+    parser = _HTMLTable()
+    parser.feed(text)
+    if parser.tables == 0:
+        raise TableError("html has no <table>")
+    return _normalized(parser.rows, "html")
+
+
+def from_csv(text: str) -> Table:
+    try:
+        rows = list(csv.reader(io.StringIO(text.strip())))
+    except csv.Error as err:
+        raise TableError(f"csv: {err}") from None
+    return _normalized(rows, "csv")
+
+
+def parse_table(value, fmt: str = "auto") -> Table:
+    """A table given as Markdown/HTML/CSV text, a list of rows (first = headers) or {headers, rows}."""
+    if isinstance(value, dict):
+        if not isinstance(value.get("headers"), list) or not isinstance(value.get("rows"), list):
+            raise TableError("a table object needs 'headers' and 'rows' lists")
+        return _normalized([value["headers"], *value["rows"]], "object")
+    if isinstance(value, list):
+        if not all(isinstance(row, list) for row in value):
+            raise TableError("a list table must be a list of rows (lists)")
+        return _normalized(value, "rows")
+    if not isinstance(value, str) or not value.strip():
+        raise TableError(f"no table text (got {type(value).__name__})")
+    if fmt == "auto":
+        stripped = value.lstrip()
+        fmt = "markdown" if stripped.startswith("|") else "html" if stripped.lower().startswith("<") else "csv"
+    readers = {"markdown": from_markdown, "html": from_html, "csv": from_csv}
+    if fmt not in readers:
+        raise TableError(f"unknown table format {fmt!r}")
+    return readers[fmt](value)

@@ -1,0 +1,123 @@
+"""Model-made data as Ray Data jobs: table summaries and teacher scores, with vLLM in actor pools."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import ray
+
+from granite_ray import storage
+from granite_ray.config import SummarizeTablesConfig, TablesConfig, TeacherScoresConfig, dump_config
+from granite_ray.data.corpus import DropCounter, RecordLinesDatasource
+from granite_ray.data.tables import TableError, parse_table
+from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, object_column, resolved_backend
+from granite_ray.runtime import init_ray
+
+
+def _log(message: str) -> None:
+    sys.stdout.write(f"[granite-ray] {message}\n")
+    sys.stdout.flush()
+
+
+def _lines(paths: list[str]) -> ray.data.Dataset:
+    files = [f for p in paths for f in (storage.list_files(p) if not p.endswith((".jsonl", ".json", ".parquet")) else [p])]
+    if not files:
+        raise ValueError(f"no input files under {paths}")
+    fs, _ = storage.resolve(files[0])
+    return ray.data.read_datasource(RecordLinesDatasource([storage.bare_path(f) for f in files], filesystem=fs),
+                                    num_cpus=0.25)
+
+
+def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dict[str, np.ndarray]:
+    """JSON lines -> {id, title, table (Markdown), linearized}; unreadable tables reported and skipped."""
+    cfg = TablesConfig(**config)
+    out = {"id": [], "title": [], "table": [], "linearized": []}
+    rejected = []
+    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
+        where = f"{source}:{number}"
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise TableError("not a JSON object")
+            table = parse_table(record.get(cfg.table_field), cfg.format)
+        except (json.JSONDecodeError, UnicodeDecodeError, TableError) as err:
+            rejected.append(("bad_table", f"{where}: {err}"))
+            continue
+        out["id"].append(str(record.get(cfg.id_field, where)))
+        out["title"].append(str(record.get(cfg.title_field) or ""))
+        out["table"].append(table.markdown())
+        out["linearized"].append(table.linearize())
+    if rejected:
+        ray.get(counter.add.remote(rejected))
+    return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+def read_tables(config: TablesConfig, counter) -> ray.data.Dataset:
+    ds = _lines(config.paths).map_batches(parse_table_rows, batch_size=None, num_cpus=0.25,
+                                          fn_kwargs={"config": config.model_dump(), "counter": counter})
+    return ds.limit(config.max_tables) if config.max_tables else ds
+
+
+def _write_stats(uri: str, stats: dict) -> None:
+    storage.write_bytes(storage.join(uri, "stats.json"), json.dumps(stats, indent=2).encode())
+
+
+def run_summarize_tables(config: SummarizeTablesConfig) -> str:
+    """Tables -> parquet rows of table + LLM summary (+ parsed title, columns, key facts)."""
+    init_ray(config)
+    counter = DropCounter.remote()
+    backend = resolved_backend(config.llm)
+    summaries = read_tables(config.tables, counter).map_batches(
+        SummarizeTables, batch_size=config.llm.batch_size, compute=ray.data.ActorPoolStrategy(size=config.llm.replicas),
+        fn_constructor_kwargs={"llm_config": config.llm.model_dump(), "backend": backend,
+                               "max_tokens": config.max_tokens, "temperature": config.temperature,
+                               "repetition_penalty": config.repetition_penalty},
+        **actor_resources(config.llm))
+    fs, path = storage.resolve(storage.join(config.output_uri, "summaries"))
+    summaries.write_parquet(path, filesystem=fs)
+    rejected = ray.get(counter.examples.remote())
+    written = sum(pq_rows for pq_rows in _parquet_row_counts(storage.join(config.output_uri, "summaries")))
+    stats = {"tables_summarized": written, "tables_rejected": len(rejected.get("bad_table", [])),
+             "rejected": rejected.get("bad_table", [])[:100], "backend": backend, "model": config.llm.model}
+    for reason in stats["rejected"][:5]:
+        _log(f"skipped a table: {reason}")
+    _write_stats(config.output_uri, stats)
+    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    _log(f"{written} table summaries written to {config.output_uri}/summaries ({stats['tables_rejected']} tables skipped)")
+    return config.output_uri
+
+
+def _parquet_row_counts(uri: str) -> list[int]:
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.resolve(uri)
+    return [pq.ParquetFile(fs.open_input_file(storage.bare_path(f))).metadata.num_rows
+            for f in storage.list_files(uri) if f.endswith(".parquet")]
+
+
+def _scoring_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rows = [json.loads(line) for line in batch["line"]]
+    for row, source, number in zip(rows, batch["source"], batch["lineno"]):
+        if not isinstance(row.get("query"), str) or not isinstance(row.get("pos"), list) or not isinstance(row.get("neg", []), list):
+            raise ValueError(f"{source}:{number}: a row needs query (string), pos and neg (lists of strings)")
+    return {"query": np.array([r["query"] for r in rows], dtype=object),
+            "pos": object_column([[str(p) for p in r["pos"]] for r in rows]),
+            "neg": object_column([[str(n) for n in r.get("neg", [])] for r in rows])}
+
+
+def run_teacher_scores(config: TeacherScoresConfig) -> str:
+    """{query, pos, neg} rows -> the same rows with pos_scores and neg_scores from the teacher."""
+    init_ray(config)
+    backend = resolved_backend(config.llm)
+    scored = _lines([config.input_uri]).map_batches(_scoring_rows, batch_size=None, num_cpus=0.25).map_batches(
+        TeacherEmbedder, batch_size=config.llm.batch_size, compute=ray.data.ActorPoolStrategy(size=config.llm.replicas),
+        fn_constructor_kwargs={"llm_config": config.llm.model_dump(), "backend": backend, "pooling": config.pooling,
+                               "query_template": config.query_template, "task": config.task},
+        **actor_resources(config.llm))
+    fs, path = storage.resolve(storage.join(config.output_uri, "scores"))
+    scored.write_json(path, filesystem=fs)
+    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    _log(f"teacher scores written to {config.output_uri}/scores")
+    return config.output_uri

