@@ -235,7 +235,7 @@ class LLMConfig(Section):
     replicas: int = Field(1, gt=0, description="engine actors")
     tensor_parallel_size: int = Field(1, gt=0)
     cpus_per_replica: float = Field(1.0, gt=0)
-    dtype: str = "auto"
+    dtype: str = Field("auto", description="auto: the model's dtype on GPU, float32 on CPU")
     max_model_len: int | None = Field(4096, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, gt=0, description="KV cache per CPU engine")

@@ -44,8 +44,11 @@ def build_llm(config: LLMConfig, backend: str, **engine_kwargs):
     if storage.is_s3(path):
         path = tempfile.mkdtemp(prefix="granite-ray-llm-")
         storage.download_dir(config.model, path)
+    dtype = config.dtype
+    if dtype == "auto" and backend == "vllm-cpu":
+        dtype = "float32"  # vLLM picks bf16 on CPU, several times slower where the CPU lacks bf16 units
     try:
-        return LLM(model=path, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
+        return LLM(model=path, tensor_parallel_size=config.tensor_parallel_size, dtype=dtype,
                    max_model_len=config.max_model_len, **engine_kwargs)
     finally:
         if path != config.model:
