@@ -149,7 +149,7 @@ def main() -> None:
     compare = f"{largest_st[0]}x{largest_st[1]}" if largest_st else None
     baseline_rss = results["sentence_transformers"][compare]["peak_rss_gib"] if compare else None
     result = write_result(
-        "mining", f"peak RSS mining {args.docs:,} documents x {args.queries:,} queries (process tree)", "GiB",
+        "mining", f"peak RSS mining {args.docs:,} documents x {args.queries:,} queries (process tree; lower is better)", "GiB",
         ours=full["peak_rss_gib"], baseline=baseline_rss,
         baseline_name=f"sentence-transformers mine_hard_negatives (faiss) at {compare}, its largest finished size",
         ours_seconds=full["seconds"], ours_status=full["status"], compared_at=compare,

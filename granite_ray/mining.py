@@ -27,7 +27,7 @@ def _log(message: str) -> None:
 
 
 def build_index(vectors: np.ndarray, config: MineNegativesConfig):
-    """Inner-product faiss index: flat, or IVF trained on the vectors; IndexShards when asked."""
+    """Inner-product faiss index: flat, or IVF trained on the vectors; in shards when asked."""
     import faiss
 
     dim = vectors.shape[1]
@@ -45,13 +45,25 @@ def build_index(vectors: np.ndarray, config: MineNegativesConfig):
 
     if config.index_shards == 1:
         return one(vectors)
-    shards = faiss.IndexShards(dim, False, True)  # successive ids across shards
     bounds = np.linspace(0, len(vectors), config.index_shards + 1).astype(int)
-    parts = [one(vectors[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    for part in parts:
-        shards.add_shard(part)
-    shards._keep = parts  # the Python wrappers must outlive the shard container
-    return shards
+    return ShardedIndex([one(vectors[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], bounds[:-1])
+
+
+class ShardedIndex:
+    """faiss indexes over consecutive row ranges, searched one by one and merged (global row ids)."""
+
+    def __init__(self, parts: list, offsets: np.ndarray) -> None:
+        self.parts, self.offsets = parts, offsets
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = [], []
+        for part, offset in zip(self.parts, self.offsets):
+            s, i = part.search(queries, min(k, part.ntotal))
+            scores.append(s)
+            ids.append(np.where(i >= 0, i + offset, -1))
+        scores, ids = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def select_negatives(candidates: list[tuple[str, float]], positives: dict[str, float], margin: float, keep: int) -> list[tuple[str, float]]:
