@@ -12,3 +12,6 @@ test: setup
 bench: setup
 	.venv/bin/python benchmarks/ingest.py
 	.venv/bin/python benchmarks/train_mlm.py
+	.venv/bin/python benchmarks/encode_speed.py
+	.venv/bin/python benchmarks/teacher.py
+	.venv/bin/python benchmarks/mining.py
