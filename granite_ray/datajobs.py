@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import ray
@@ -13,12 +12,7 @@ from granite_ray.config import SummarizeTablesConfig, TablesConfig, TeacherScore
 from granite_ray.data.corpus import DropCounter, RecordLinesDatasource
 from granite_ray.data.tables import TableError, parse_table
 from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, object_column, resolved_backend
-from granite_ray.runtime import init_ray
-
-
-def _log(message: str) -> None:
-    sys.stdout.write(f"[granite-ray] {message}\n")
-    sys.stdout.flush()
+from granite_ray.runtime import init_ray, log
 
 
 def _lines(paths: list[str]) -> ray.data.Dataset:
@@ -82,10 +76,10 @@ def run_summarize_tables(config: SummarizeTablesConfig) -> str:
     stats = {"tables_summarized": written, "tables_rejected": len(rejected.get("bad_table", [])),
              "rejected": rejected.get("bad_table", [])[:100], "backend": backend, "model": config.llm.model}
     for reason in stats["rejected"][:5]:
-        _log(f"skipped a table: {reason}")
+        log(f"skipped a table: {reason}")
     _write_stats(config.output_uri, stats)
     storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
-    _log(f"{written} table summaries written to {config.output_uri}/summaries ({stats['tables_rejected']} tables skipped)")
+    log(f"{written} table summaries written to {config.output_uri}/summaries ({stats['tables_rejected']} tables skipped)")
     return config.output_uri
 
 
@@ -119,5 +113,5 @@ def run_teacher_scores(config: TeacherScoresConfig) -> str:
     fs, path = storage.resolve(storage.join(config.output_uri, "scores"))
     scored.write_json(path, filesystem=fs)
     storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
-    _log(f"teacher scores written to {config.output_uri}/scores")
+    log(f"teacher scores written to {config.output_uri}/scores")
     return config.output_uri

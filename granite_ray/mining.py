@@ -10,7 +10,6 @@ corpus fetches only the texts the output rows name.
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 
@@ -18,12 +17,9 @@ from granite_ray import storage
 from granite_ray.config import MineNegativesConfig, dump_config
 from granite_ray.evaluate.beir import check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.run import encode_dataset
-from granite_ray.runtime import init_ray
+from granite_ray.runtime import init_ray, log
 
-
-def _log(message: str) -> None:
-    sys.stdout.write(f"[granite-ray mine] {message}\n")
-    sys.stdout.flush()
+TAG = "granite-ray mine"
 
 
 def build_index(vectors: np.ndarray, config: MineNegativesConfig):
@@ -77,7 +73,7 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
     dataset = load_beir(config.dataset, config.split)
     query_ids, queries, doc_ids, docs = encode_dataset(config.model, dataset, config)
     check_qrels_against_corpus(dataset, set(doc_ids))
-    _log(f"{len(doc_ids)} documents and {len(query_ids)} queries encoded; building a {config.index} index")
+    log(f"{len(doc_ids)} documents and {len(query_ids)} queries encoded; building a {config.index} index", TAG)
     index = build_index(docs, config)
     row_of = {d: i for i, d in enumerate(doc_ids)}
     rows = []
@@ -112,6 +108,6 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
              "queries_with_fewer_negatives": short, "margin": config.margin, "top_k": config.top_k}
     storage.write_bytes(storage.join(config.output_uri, "stats.json"), json.dumps(stats, indent=2).encode())
     storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
-    _log(f"{len(rows)} rows written to {config.output_uri}/mined.jsonl ({short} with fewer than {config.negatives} negatives)")
+    log(f"{len(rows)} rows written to {config.output_uri}/mined.jsonl ({short} with fewer than {config.negatives} negatives)", TAG)
     return config.output_uri
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import ray
 
@@ -26,3 +27,9 @@ def init_ray(config) -> None:
     else:
         ray.init(address="local", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def log(message: str, tag: str = "granite-ray") -> None:
+    """A progress line on stdout, flushed (Ray Train's patched print() would echo each line twice)."""
+    sys.stdout.write(f"[{tag}] {message}\n")
+    sys.stdout.flush()

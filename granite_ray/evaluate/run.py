@@ -24,14 +24,11 @@ from granite_ray.encoder import Encoder
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.metrics import retrieval_scores
 from granite_ray.evaluate.search import top_k
-from granite_ray.runtime import init_ray
+from granite_ray.runtime import init_ray, log
+
+TAG = "granite-ray eval"
 
 METRICS = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
-
-
-def _log(message: str) -> None:
-    sys.stdout.write(f"[granite-ray eval] {message}\n")
-    sys.stdout.flush()
 
 
 class EncodeRows:
@@ -90,7 +87,7 @@ def encode_dataset(model_uri: str, dataset: BeirDataset, config: EvalConfig) -> 
         doc_parts.append(batch["embedding"][~is_query])
         if time.perf_counter() - last_report > 30:
             last_report = time.perf_counter()
-            _log(f"{dataset.name}: {len(doc_ids)} documents encoded ({len(doc_ids) / (last_report - start):.0f}/s)")
+            log(f"{dataset.name}: {len(doc_ids)} documents encoded ({len(doc_ids) / (last_report - start):.0f}/s)", TAG)
     if not doc_ids:
         raise ValueError(f"{dataset.corpus_uri}: the corpus has no documents")
     doc_matrix = np.concatenate(doc_parts)
@@ -178,9 +175,9 @@ def run_eval(config: EvalConfig) -> str:
             if config.mteb_tasks:
                 raise ValueError("mteb_tasks need engine=mteb")
             for dataset in datasets:
-                _log(f"{label} on {dataset.name} ({len(dataset.queries)} queries)")
+                log(f"{label} on {dataset.name} ({len(dataset.queries)} queries)", TAG)
                 results[label][dataset.name] = evaluate_beir(model_uri, dataset, config)
-                _log(f"{label} on {dataset.name}: " + ", ".join(f"{m} {results[label][dataset.name][m]:.4f}" for m in METRICS))
+                log(f"{label} on {dataset.name}: " + ", ".join(f"{m} {results[label][dataset.name][m]:.4f}" for m in METRICS), TAG)
     table = markdown_table(results)
     storage.write_bytes(storage.join(config.output_uri, "results.json"),
                         json.dumps({"split": config.split, "models": dict(zip(labels, uris)), "results": results},
@@ -189,5 +186,5 @@ def run_eval(config: EvalConfig) -> str:
     storage.write_bytes(storage.join(config.output_uri, "ndcg_at_10.png"), bar_chart_png(results))
     storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
     sys.stdout.write(table)
-    _log(f"results written to {config.output_uri}")
+    log(f"results written to {config.output_uri}", TAG)
     return config.output_uri

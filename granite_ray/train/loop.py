@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from granite_ray import storage
 from granite_ray.config import StageConfig
+from granite_ray.runtime import log as _log
 from granite_ray.train.metrics import MetricsLog, loss_plot_png, peak_flops
 from granite_ray.train.parallel import STRATEGIES
 
@@ -47,11 +47,6 @@ def _objective_for(config_tree: dict, tokenizer_files: dict[str, bytes]):
         tokenizer = load_tokenizer(tmp)
     return config, stage.objective_cls(config, tokenizer)
 
-
-def _log(message: str) -> None:
-    # Written to stdout directly: Ray Train's patched print() would echo each line twice.
-    sys.stdout.write(f"[granite-ray] {message}\n")
-    sys.stdout.flush()
 
 
 def _global_sum(values: list[float], device: torch.device) -> list[float]:
