@@ -306,6 +306,28 @@ class MineNegativesConfig(StageConfig):
     _absolute = field_validator("dataset", "model")(absolute_uri)
 
 
+class MergeConfig(StageConfig):
+    """Weighted average of checkpoints of one architecture (LM-Cocktail, Xiao et al. 2023; Granite R1)."""
+
+    stage: Literal["merge"] = "merge"
+    models: list[str] = Field(min_length=2, description="artifact folders or s3:// URIs; the first gives tokenizer and configs")
+    weights: list[float] | None = Field(None, description="one per model, positive, summing to 1; default uniform")
+
+    _absolute_models = field_validator("models")(lambda uris: [absolute_uri(u) for u in uris])
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "MergeConfig":
+        if self.weights is not None:
+            if len(self.weights) != len(self.models):
+                raise ValueError(f"weights: {len(self.weights)} weights for {len(self.models)} models")
+            if any(w <= 0 for w in self.weights) or abs(sum(self.weights) - 1) > 1e-6:
+                raise ValueError(f"weights: must be positive and sum to 1 (sum {sum(self.weights):g})")
+        return self
+
+    def model_weights(self) -> list[float]:
+        return self.weights or [1 / len(self.models)] * len(self.models)
+
+
 class PretrainMLMConfig(StageConfig):
     """Encoder pretraining (paper section 2.3): stage 1 MLM, stage 2 context extension, stage 3 LR decay.
 

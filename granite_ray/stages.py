@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from granite_ray.config import (EvalConfig, MineNegativesConfig, PretrainMLMConfig, SpeedConfig, StageConfig,
+from granite_ray.config import (EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, SpeedConfig, StageConfig,
                                 SummarizeTablesConfig, TeacherScoresConfig, TrainTokenizerConfig)
 from granite_ray.objectives.mlm import MLMObjective
 from granite_ray.pretrain import run_pretrain_mlm, run_train_tokenizer
@@ -33,6 +33,8 @@ STAGES: dict[str, Stage] = {
                             help="teacher similarities for query/candidate rows by a vLLM pooling model"),
     "mine-negatives": Stage(MineNegativesConfig, lambda c: _lazy("granite_ray.mining", "run_mine_negatives")(c),
                             help="hard negatives from an embedder's top-k with a false-negative margin (faiss)"),
+    "merge": Stage(MergeConfig, lambda c: _lazy("granite_ray.merge", "run_merge")(c),
+                   help="weighted average of checkpoints of one architecture (LM-Cocktail), as a new artifact"),
     "speed": Stage(SpeedConfig, lambda c: _lazy("granite_ray.speed", "run_speed")(c),
                    help="encoding speed by the paper's method: 512-token chunks, 100 overlap, batch 128"),
 }
