@@ -1,0 +1,38 @@
+"""Improved contrastive loss of GTE (Li et al. 2023, arXiv:2308.03281), used for Granite R2's
+contrastive fine-tuning.
+
+Inputs: query embeddings [B, d], their positives [B, d], optional hard negatives [B, n, d];
+cosine similarities over a temperature. One softmax per query over its positive and, as
+negatives: every other document of the batch (q->d), and with the switches the other queries
+(q->q), the other queries seen from its positive (d->q) and the other documents seen from its
+positive (d->d). With all switches off this is InfoNCE with in-batch negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def improved_contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                              temperature: float = 0.05, query_query: bool = False, doc_query: bool = False,
+                              doc_doc: bool = False) -> torch.Tensor:
+    batch = queries.shape[0]
+    q = F.normalize(queries, dim=-1)
+    pos = F.normalize(positives, dim=-1)
+    docs = [pos]
+    if negatives is not None:
+        docs += list(F.normalize(negatives, dim=-1).transpose(0, 1))  # n tensors of [B, d], column-wise
+    all_docs = torch.cat(docs)  # [B * (1 + n), d]: positives first, then each negative column
+    rows = torch.arange(batch, device=q.device)
+    terms = [q @ all_docs.T]
+    if query_query:
+        qq = q @ q.T
+        terms.append(qq.masked_fill(torch.eye(batch, dtype=torch.bool, device=q.device), -torch.inf))
+    if doc_query:
+        terms.append(pos @ q.T)
+    if doc_doc:
+        same_query = torch.eye(batch, dtype=torch.bool, device=q.device).repeat(1, len(docs))
+        terms.append((pos @ all_docs.T).masked_fill(same_query, -torch.inf))
+    logits = torch.cat(terms, dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[rows, rows]).mean()

@@ -1,0 +1,59 @@
+"""Our losses against sentence-transformers' on the same embeddings and scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from granite_ray.losses.contrastive import improved_contrastive_loss
+from granite_ray.losses.distill import distillation_loss
+
+
+@pytest.fixture(scope="module")
+def st_model(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+def _embeddings(seed=0, batch=6, negatives=2, dim=32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, dim, generator=g, requires_grad=True)
+    p = torch.randn(batch, dim, generator=g, requires_grad=True)
+    n = torch.randn(batch, negatives, dim, generator=g, requires_grad=True)
+    return q, p, n
+
+
+@pytest.mark.parametrize("switches, directions", [
+    ({}, ("query_to_doc",)),
+    ({"query_query": True, "doc_query": True, "doc_doc": True},
+     ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")),
+])
+@pytest.mark.parametrize("with_negatives", [False, True])
+def test_contrastive_loss_equals_multiple_negatives_ranking_loss(st_model, switches, directions, with_negatives):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    q, p, n = _embeddings()
+    reference = MultipleNegativesRankingLoss(st_model, scale=20.0, directions=directions, partition_mode="joint")
+    columns = [q, p] + ([n[:, i] for i in range(n.shape[1])] if with_negatives else [])
+    expected = reference.compute_loss_from_embeddings(columns, None)
+    ours = improved_contrastive_loss(q, p, n if with_negatives else None, temperature=0.05, **switches)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+    grads = torch.autograd.grad(ours, [q, p]), torch.autograd.grad(expected, [q, p])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_distillation_loss_equals_distill_kl_div_loss(st_model, temperature):
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
+
+    q, p, n = _embeddings(seed=1, negatives=3)
+    candidates = [p] + [n[:, i] for i in range(n.shape[1])]
+    teacher = torch.rand(q.shape[0], len(candidates), generator=torch.Generator().manual_seed(2))
+    expected = DistillKLDivLoss(st_model, temperature=temperature).compute_loss_from_embeddings([q, *candidates], teacher)
+    # Our loss takes the student's scores; DistillKLDivLoss scores by dot product by default.
+    student = torch.stack([(q * c).sum(-1) for c in candidates], dim=1)
+    ours = distillation_loss(student, teacher, temperature=temperature)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)  # student equals teacher
