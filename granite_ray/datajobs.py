@@ -9,7 +9,7 @@ import ray
 
 from granite_ray import storage
 from granite_ray.config import SummarizeTablesConfig, TablesConfig, TeacherScoresConfig, dump_config
-from granite_ray.data.corpus import DropCounter, RecordLinesDatasource
+from granite_ray.data.corpus import DropCounter, read_record_lines
 from granite_ray.data.tables import TableError, parse_table
 from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, object_column, resolved_backend
 from granite_ray.runtime import init_ray, log
@@ -19,9 +19,7 @@ def _lines(paths: list[str]) -> ray.data.Dataset:
     files = [f for p in paths for f in (storage.list_files(p) if not p.endswith((".jsonl", ".json", ".parquet")) else [p])]
     if not files:
         raise ValueError(f"no input files under {paths}")
-    fs, _ = storage.resolve(files[0])
-    return ray.data.read_datasource(RecordLinesDatasource([storage.bare_path(f) for f in files], filesystem=fs),
-                                    num_cpus=0.25)
+    return read_record_lines(files)
 
 
 def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dict[str, np.ndarray]:

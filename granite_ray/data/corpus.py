@@ -170,13 +170,17 @@ def resolve_files(config: DataConfig) -> list[str]:
     return files
 
 
+def read_record_lines(files: list[str], read_tasks: int | None = None) -> ray.data.Dataset:
+    """Raw records {line, source, lineno} of local or s3:// jsonl/parquet files, streamed in bounded blocks."""
+    fs, _ = storage.resolve(files[0])
+    return ray.data.read_datasource(RecordLinesDatasource([storage.bare_path(f) for f in files], filesystem=fs),
+                                    num_cpus=0.25, concurrency=read_tasks)
+
+
 def read_corpus(config: DataConfig, counter=None) -> tuple[ray.data.Dataset, Any]:
     """A lazily streamed Dataset of {id, text} and the DropCounter collecting its drop counts."""
     counter = counter or DropCounter.remote()
-    files = resolve_files(config)
-    fs, _ = storage.resolve(files[0])
-    lines = ray.data.read_datasource(RecordLinesDatasource([storage.bare_path(f) for f in files], filesystem=fs),
-                                     num_cpus=0.25, concurrency=config.read_tasks)
+    lines = read_record_lines(resolve_files(config), config.read_tasks)
     # batch_size=None: one call per read block, so when Ray fuses this step into the tokenizer's
     # actor the bundles stay the tokenizer's batch size rather than growing to whole files.
     ds = lines.map_batches(normalize_lines, batch_size=None, num_cpus=0.25, fn_kwargs={

@@ -13,7 +13,7 @@ import numpy as np
 import ray
 
 from granite_ray import storage
-from granite_ray.data.corpus import RecordLinesDatasource
+from granite_ray.data.corpus import read_record_lines
 
 
 class DatasetError(ValueError):
@@ -115,8 +115,5 @@ def _documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def read_documents(dataset: BeirDataset, read_tasks: int = 2) -> ray.data.Dataset:
     """A lazily streamed Dataset of {id, text}."""
-    fs, _ = storage.resolve(dataset.corpus_uri)
-    lines = ray.data.read_datasource(RecordLinesDatasource([storage.bare_path(dataset.corpus_uri)], filesystem=fs),
-                                     num_cpus=0.25, concurrency=read_tasks)
-    return lines.map_batches(_documents, batch_size=None, num_cpus=0.25)
+    return read_record_lines([dataset.corpus_uri], read_tasks).map_batches(_documents, batch_size=None, num_cpus=0.25)
 
