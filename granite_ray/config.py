@@ -155,6 +155,16 @@ class EncoderConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
+class EncoderPoolFields(BaseModel):
+    """A Ray Data pool of encoder actors over a streamed corpus (evaluation, mining)."""
+
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    encode_actors: int = Field(1, gt=0, description="Ray Data encoder actors")
+    cpus_per_actor: float = Field(1.0, gt=0, description="also the actor's torch threads (rounded up)")
+    gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs")
+    read_tasks: int = Field(2, gt=0)
+
+
 class StageConfig(Section):
     stage: str
     run_name: str = "granite-ray"
@@ -166,7 +176,7 @@ class StageConfig(Section):
     _absolute = field_validator("storage_path", "output_uri")(absolute_uri)
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(StageConfig, EncoderPoolFields):
     """Retrieval evaluation (`granite-ray eval`): models x BEIR folders and/or mteb tasks."""
 
     stage: Literal["eval"] = "eval"
@@ -175,11 +185,6 @@ class EvalConfig(StageConfig):
     mteb_tasks: list[str] = Field(default_factory=list, description="mteb task names (needs the hub)")
     split: str = "test"
     engine: Literal["ray", "mteb"] = Field("ray", description="ray: our streamed encoding and search; mteb: mteb.evaluate")
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    encode_actors: int = Field(1, gt=0, description="Ray Data encoder actors")
-    cpus_per_actor: float = Field(1.0, gt=0, description="also the actor's torch threads (rounded up)")
-    gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs")
-    read_tasks: int = Field(2, gt=0)
     top_k: int = Field(100, gt=0)
     output_uri: str = "outputs/eval"
 
@@ -281,18 +286,13 @@ class TeacherScoresConfig(StageConfig):
     _absolute_input = field_validator("input_uri")(absolute_uri)
 
 
-class MineNegativesConfig(StageConfig):
+class MineNegativesConfig(StageConfig, EncoderPoolFields):
     """Hard negatives from a mining embedder's top-k, likely false negatives dropped by a margin."""
 
     stage: Literal["mine-negatives"] = "mine-negatives"
     dataset: str = Field(description="BEIR folder (local or s3://) whose qrels give the positives")
     split: str = "train"
     model: str = Field(description="mining encoder: folder or s3:// URI")
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    encode_actors: int = Field(1, gt=0)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float | None = Field(None, ge=0)
-    read_tasks: int = Field(2, gt=0)
     index: Literal["flat", "ivf"] = "flat"
     ivf_lists: int = Field(1024, gt=0)
     ivf_probe: int = Field(32, gt=0)

@@ -9,17 +9,10 @@ import ray
 
 from granite_ray import storage
 from granite_ray.config import SummarizeTablesConfig, TablesConfig, TeacherScoresConfig, dump_config
-from granite_ray.data.corpus import DropCounter, read_record_lines
+from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
 from granite_ray.data.tables import TableError, parse_table
 from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, object_column, resolved_backend
 from granite_ray.runtime import init_ray, log
-
-
-def _lines(paths: list[str]) -> ray.data.Dataset:
-    files = [f for p in paths for f in (storage.list_files(p) if not p.endswith((".jsonl", ".json", ".parquet")) else [p])]
-    if not files:
-        raise ValueError(f"no input files under {paths}")
-    return read_record_lines(files)
 
 
 def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dict[str, np.ndarray]:
@@ -47,7 +40,7 @@ def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dic
 
 
 def read_tables(config: TablesConfig, counter) -> ray.data.Dataset:
-    ds = _lines(config.paths).map_batches(parse_table_rows, batch_size=None, num_cpus=0.25,
+    ds = read_record_lines(resolve_files(config.paths, field="tables.paths")).map_batches(parse_table_rows, batch_size=None, num_cpus=0.25,
                                           fn_kwargs={"config": config.model_dump(), "counter": counter})
     return ds.limit(config.max_tables) if config.max_tables else ds
 
@@ -103,7 +96,7 @@ def run_teacher_scores(config: TeacherScoresConfig) -> str:
     """{query, pos, neg} rows -> the same rows with pos_scores and neg_scores from the teacher."""
     init_ray(config)
     backend = resolved_backend(config.llm)
-    scored = _lines([config.input_uri]).map_batches(_scoring_rows, batch_size=None, num_cpus=0.25).map_batches(
+    scored = read_record_lines(resolve_files([config.input_uri], field="input_uri")).map_batches(_scoring_rows, batch_size=None, num_cpus=0.25).map_batches(
         TeacherEmbedder, batch_size=config.llm.batch_size, compute=ray.data.ActorPoolStrategy(size=config.llm.replicas),
         fn_constructor_kwargs={"llm_config": config.llm.model_dump(), "backend": backend, "pooling": config.pooling,
                                "query_template": config.query_template, "task": config.task},

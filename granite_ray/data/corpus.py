@@ -157,16 +157,16 @@ def normalize_lines(batch: dict[str, np.ndarray], text_fields: list[str], id_fie
     return _finish(ids, texts, dropped, counter)
 
 
-def resolve_files(config: DataConfig) -> list[str]:
-    """The .jsonl/.parquet files named by the config's paths, directories and globs."""
-    if not config.paths:
-        raise ValueError("data.paths: no corpus given")
-    suffixes = {"auto": JSONL_SUFFIXES + PARQUET_SUFFIXES, "jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES}[config.format]
-    files = [f for path in config.paths for f in storage.list_files(path, suffixes)]
+def resolve_files(paths: list[str], fmt: str = "auto", field: str = "data.paths") -> list[str]:
+    """The .jsonl/.parquet files named by paths, directories and globs (`field` names them in errors)."""
+    if not paths:
+        raise ValueError(f"{field}: no input given")
+    suffixes = {"auto": JSONL_SUFFIXES + PARQUET_SUFFIXES, "jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES}[fmt]
+    files = [f for path in paths for f in storage.list_files(path, suffixes)]
     if not files:
-        raise ValueError(f"data.paths: no .jsonl or .parquet files under {config.paths}")
+        raise ValueError(f"{field}: no .jsonl or .parquet files under {paths}")
     if len({storage.is_s3(f) for f in files}) > 1:
-        raise ValueError("data.paths: mix of local and s3:// files; use one kind per dataset")
+        raise ValueError(f"{field}: mix of local and s3:// files; use one kind per dataset")
     return files
 
 
@@ -180,7 +180,7 @@ def read_record_lines(files: list[str], read_tasks: int | None = None) -> ray.da
 def read_corpus(config: DataConfig, counter=None) -> tuple[ray.data.Dataset, Any]:
     """A lazily streamed Dataset of {id, text} and the DropCounter collecting its drop counts."""
     counter = counter or DropCounter.remote()
-    lines = read_record_lines(resolve_files(config), config.read_tasks)
+    lines = read_record_lines(resolve_files(config.paths, config.format), config.read_tasks)
     # batch_size=None: one call per read block, so when Ray fuses this step into the tokenizer's
     # actor the bundles stay the tokenizer's batch size rather than growing to whole files.
     ds = lines.map_batches(normalize_lines, batch_size=None, num_cpus=0.25, fn_kwargs={

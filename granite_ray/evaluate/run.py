@@ -19,7 +19,7 @@ import ray
 import torch
 
 from granite_ray import storage
-from granite_ray.config import EncoderConfig, EvalConfig, dump_config, split_label
+from granite_ray.config import EncoderConfig, EncoderPoolFields, EvalConfig, dump_config, split_label
 from granite_ray.encoder import Encoder
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.metrics import retrieval_scores
@@ -57,7 +57,7 @@ def _with_kind(kind: str):
     return tag
 
 
-def encode_dataset(model_uri: str, dataset: BeirDataset, config: EvalConfig) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """(query ids, query embeddings, doc ids, doc embeddings): the corpus streams through the actor pool."""
     resources = ray.cluster_resources()
     gpus = config.gpus_per_actor
