@@ -14,14 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from s3server import free_port
+from s3server import free_port as pick_free_port
 
 
 class LocalHead:
     def __init__(self, num_cpus: int = 2, env: dict[str, str] | None = None) -> None:
         self.num_cpus = num_cpus
         self.extra_env = env or {}
-        self.dashboard_port = free_port()
+        self.dashboard_port = pick_free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="ray-head-", suffix=".log")[1])
@@ -34,7 +34,16 @@ class LocalHead:
 
     def start(self, timeout: float = 120.0) -> "LocalHead":
         ray_bin = str(Path(sys.executable).parent / "ray")
-        worker_lo = free_port() // 100 * 100 % 50000 + 10000
+        worker_lo = pick_free_port() // 100 * 100 % 50000 + 10000
+        taken = set(range(worker_lo, worker_lo + 100)) | {self.dashboard_port}
+
+        def free_port() -> int:
+            """A free port distinct from the others and outside the worker range (ray start rejects overlaps)."""
+            while (port := pick_free_port()) in taken:
+                pass
+            taken.add(port)
+            return port
+
         args = [
             ray_bin, "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1", f"--port={free_port()}", f"--num-cpus={self.num_cpus}",
