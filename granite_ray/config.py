@@ -123,6 +123,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker failures tolerated before the run fails; -1: unlimited")
+    drop_last: bool = Field(False, description="drop each worker's last, incomplete batch (in-batch negatives need equal batches)")
 
     @model_validator(mode="after")
     def _fractions(self) -> "TrainConfig":
@@ -344,6 +345,123 @@ class PretrainMLMConfig(StageConfig):
     def _continues_from_an_artifact(self) -> "PretrainMLMConfig":
         if self.stage != "pretrain-mlm" and not self.model.init_from:
             raise ValueError(f"model.init_from: stage {self.stage} continues from the previous stage's artifact URI")
+        if self.data.max_seq_len > self.model.max_position_embeddings:
+            raise ValueError("data.max_seq_len: longer than model.max_position_embeddings")
+        return self
+
+
+class EncoderInitConfig(Section):
+    """The encoder a retriever stage starts from: ours or any HF/sentence-transformers encoder folder."""
+
+    init_from: str = Field(description="encoder artifact or HF/sentence-transformers folder, local or s3://")
+    global_rope_theta: float | None = Field(None, gt=0, description="ModernBERT: the retriever stages use 80k; None keeps the model's")
+    attn_implementation: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = "auto"
+    dropout: float | None = Field(None, ge=0, lt=1, description="set every dropout layer's probability; None keeps the model's")
+
+    _absolute = field_validator("init_from")(absolute_uri)
+
+
+class PairDataConfig(Section):
+    """FlagEmbedding-style rows {query, pos, neg[, pos_scores, neg_scores]} (jsonl/parquet, local or s3://).
+
+    `query` may also be a conversation, a list of {speaker, text} turns, which becomes the query
+    text with the most recent turn first (see granite_ray.data.pairs). Each entry of `datasets`
+    is `[name=]path`; every batch is drawn from one dataset, datasets sampled with probability
+    proportional to size**sampling_power.
+    """
+
+    datasets: list[str] = Field(min_length=1)
+    negatives: int = Field(0, ge=0, description="hard negatives per query (cycled when a row has fewer)")
+    query_max_len: int = Field(64, gt=2)
+    passage_max_len: int = Field(256, gt=2)
+    query_prompt: str | None = Field(None, description="None: the model's own query prompt (sentence-transformers)")
+    passage_prompt: str | None = None
+    sampling_power: float = Field(0.5, ge=0, le=1)
+    read_tasks: int = Field(2, gt=0)
+    tokenize_actors: int = Field(1, gt=0)
+    max_rows: int | None = Field(None, gt=0, description="rows read per dataset at most")
+
+    _absolute = field_validator("datasets")(lambda entries: [_labelled_absolute(e) for e in entries])
+
+
+class RetrieverStageConfig(StageConfig):
+    """Shared by the embedding stages: an encoder to start from, pair data and the training loop."""
+
+    model: EncoderInitConfig
+    data: PairDataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    temperature: float = Field(0.02, gt=0, description="similarities are cosines divided by this")
+
+    @model_validator(mode="after")
+    def _equal_batches(self) -> "RetrieverStageConfig":
+        if len(self.data.datasets) > 1 and self.train.data_sharding == "stride":
+            raise ValueError("train.data_sharding: stride reads one ordered dataset; a mixture of datasets needs split")
+        self.train.drop_last = True  # gathered embeddings need every worker's batch to have one shape
+        return self
+
+
+class ContrastiveConfig(RetrieverStageConfig):
+    """Stage 6: GTE improved contrastive loss, in-batch negatives gathered across workers (Li et al. 2023)."""
+
+    stage: Literal["contrastive"] = "contrastive"
+    query_query: bool = Field(False, description="other queries as negatives of a query")
+    doc_query: bool = Field(False, description="other queries as negatives of a positive")
+    doc_doc: bool = Field(False, description="other passages as negatives of a positive")
+    gather_across_workers: bool = Field(True, description="in-batch negatives from every worker's batch")
+    grad_cache_chunk: int | None = Field(None, gt=0, description="GradCache: texts encoded per chunk; None: one pass")
+
+    @model_validator(mode="after")
+    def _grad_cache_strategy(self) -> "ContrastiveConfig":
+        if self.grad_cache_chunk and self.train.sharding == "deepspeed":
+            raise ValueError("grad_cache_chunk: runs several backward passes per step; use train.sharding ddp or fsdp2")
+        return self
+
+
+class DistillConfig(RetrieverStageConfig):
+    """Stages 7-8: contrastive distillation from teacher scores, on passages or on conversations."""
+
+    stage: Literal["distill", "adapt-conversations"] = "distill"
+    data: PairDataConfig
+    teacher_temperature: float | None = Field(None, gt=0, description="None: the student's temperature")
+
+    @model_validator(mode="after")
+    def _needs_negatives(self) -> "DistillConfig":
+        if self.data.negatives < 1:
+            raise ValueError("data.negatives: distillation ranks the positive among hard negatives; give at least 1")
+        return self
+
+
+class TableSourcesConfig(Section):
+    """Tabular RetroMAE sources; the mix interleaves them, one source per batch."""
+
+    summaries: list[str] = Field(default_factory=list, description="summarize-tables outputs (parquet): decoder reconstructs the summary")
+    tables: TablesConfig | None = Field(None, description="tables alone: decoder reconstructs the table")
+    weights: dict[str, float] | None = Field(None, description="{summaries, tables, text}; None: size**0.5")
+
+    _absolute = field_validator("summaries")(lambda uris: [absolute_uri(u) for u in uris])
+
+
+class RetroMAEConfig(StageConfig):
+    """Stages 4-5: RetroMAE (Xiao et al. 2022) on text, or on tables with their LLM summaries."""
+
+    stage: Literal["retromae", "tabular-retromae"] = "retromae"
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig, description="text (stage 4; the replay in stage 5)")
+    tables: TableSourcesConfig | None = None
+    decoder_mask_probability: float = Field(0.5, gt=0, lt=1, description="share of positions hidden from each decoder row")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _sources(self) -> "RetroMAEConfig":
+        if not self.model.init_from:
+            raise ValueError("model.init_from: RetroMAE continues from an encoder artifact")
+        if self.stage == "tabular-retromae":
+            if not self.tables or not (self.tables.summaries or self.tables.tables):
+                raise ValueError("tables: tabular-retromae needs tables.summaries and/or tables.tables")
+            if self.train.data_sharding == "stride":
+                raise ValueError("train.data_sharding: stride reads one ordered dataset; a mixture of sources needs split")
+        elif not self.data.paths:
+            raise ValueError("data.paths: retromae needs a text corpus")
         if self.data.max_seq_len > self.model.max_position_embeddings:
             raise ValueError("data.max_seq_len: longer than model.max_position_embeddings")
         return self

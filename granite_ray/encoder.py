@@ -27,6 +27,41 @@ from granite_ray.config import EncoderConfig
 from granite_ray.model import resolve_attn_implementation
 
 
+def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], pooling: str, layer_types: list[str] | None,
+                      device: torch.device) -> torch.Tensor:
+    """Pooled embeddings of framed sequences, all in one varlen row (no padding); differentiable.
+
+    Used for inference by `Encoder` and for training by the embedding stages."""
+    lens = torch.tensor([len(s) for s in batch])
+    ids = torch.tensor([t for s in batch for t in s], device=device)[None]
+    starts = torch.cumsum(lens, 0) - lens
+    positions = (torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens))[None].to(device)
+    cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(device)
+    longest = int(lens.max())
+    # Models with per-layer-type masks (ModernBERT) would otherwise build L x L masks for the row.
+    masks = {"attention_mask": dict.fromkeys(set(layer_types))} if layer_types else {}
+    hidden = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                   max_length_q=longest, max_length_k=longest, **masks).last_hidden_state[0]
+    if pooling == "cls":
+        return hidden[starts.to(device)]
+    if pooling == "lasttoken":
+        return hidden[(starts + lens - 1).to(device)]
+    segment = torch.repeat_interleave(torch.arange(len(batch)), lens).to(device)
+    sums = torch.zeros(len(batch), hidden.shape[-1], dtype=torch.float32, device=device)
+    sums = sums.index_add(0, segment, hidden.float())
+    return sums / lens.to(device)[:, None]
+
+
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The tokens the tokenizer puts before and after a text's content (e.g. [CLS] ... [SEP])."""
+    framed = tokenizer("a")["input_ids"]
+    content = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(framed) - len(content) + 1):
+        if framed[i:i + len(content)] == content:
+            return framed[:i], framed[i + len(content):]
+    raise ValueError("cannot locate a text's tokens inside its framed encoding")
+
+
 def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -83,7 +118,7 @@ class Encoder:
         self.query_prompt = config.query_prompt if config.query_prompt is not None else prompts.get("query", "")
         self.document_prompt = (config.document_prompt if config.document_prompt is not None
                                 else prompts.get("document", prompts.get("passage", "")))
-        self.prefix, self.suffix = self._special_frame()
+        self.prefix, self.suffix = special_frame(self.tokenizer)
         self.layer_types = getattr(self.model.config, "layer_types", None)
         self.dimension = self.model.config.hidden_size
         self.packed = config.packed
@@ -94,15 +129,6 @@ class Encoder:
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Content tokens without special tokens (the windows add them)."""
         return self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-
-    def _special_frame(self) -> tuple[list[int], list[int]]:
-        """The tokens the tokenizer puts before and after a text's content (e.g. [CLS] ... [SEP])."""
-        framed = self.tokenizer("a")["input_ids"]
-        content = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        for i in range(len(framed) - len(content) + 1):
-            if framed[i:i + len(content)] == content:
-                return framed[:i], framed[i + len(content):]
-        raise ValueError("cannot locate a text's tokens inside its framed encoding")
 
     def _framed(self, content: list[int]) -> list[int]:
         return self.prefix + content + self.suffix
@@ -149,24 +175,7 @@ class Encoder:
         return self._forward_packed(batch) if self.packed else self._forward_padded(batch)
 
     def _forward_packed(self, batch: list[list[int]]) -> torch.Tensor:
-        lens = torch.tensor([len(s) for s in batch])
-        ids = torch.tensor([t for s in batch for t in s], device=self.device)[None]
-        starts = torch.cumsum(lens, 0) - lens
-        positions = (torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens))[None].to(self.device)
-        cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(self.device)
-        longest = int(lens.max())
-        # Models with per-layer-type masks (ModernBERT) would otherwise build L x L masks for the row.
-        masks = {"attention_mask": dict.fromkeys(set(self.layer_types))} if self.layer_types else {}
-        hidden = self.model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                            max_length_q=longest, max_length_k=longest, **masks).last_hidden_state[0]
-        if self.pooling == "cls":
-            return hidden[starts.to(self.device)]
-        if self.pooling == "lasttoken":
-            return hidden[(starts + lens - 1).to(self.device)]
-        segment = torch.repeat_interleave(torch.arange(len(batch)), lens).to(self.device)
-        sums = torch.zeros(len(batch), hidden.shape[-1], dtype=torch.float32, device=self.device)
-        sums.index_add_(0, segment, hidden.float())
-        return sums / lens.to(self.device)[:, None]
+        return packed_embeddings(self.model, batch, self.pooling, self.layer_types, self.device)
 
     def _forward_padded(self, batch: list[list[int]]) -> torch.Tensor:
         padded = self.tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(self.device)

@@ -72,6 +72,17 @@ def apply_stage_settings(model: PreTrainedModel, cfg: ModelConfig) -> None:
         base.rotary_emb.__init__(model.config, device=next(model.parameters()).device)
 
 
+def set_global_rope_theta(model: PreTrainedModel, theta: float) -> None:
+    """The retriever stages' global RoPE theta (80k in the paper) on a loaded ModernBERT; other models have none."""
+    if getattr(model.config, "model_type", "") != "modernbert":
+        return
+    params = {k: dict(v) for k, v in model.config.rope_parameters.items()}
+    params["full_attention"]["rope_theta"] = theta
+    model.config.rope_parameters = params
+    base = model.model if hasattr(model, "model") else model
+    base.rotary_emb.__init__(model.config, device=next(model.parameters()).device)
+
+
 def build_mlm_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> ModernBertForMaskedLM:
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.init_from:

@@ -6,9 +6,11 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from granite_ray.config import (EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, SpeedConfig, StageConfig,
+from granite_ray.config import (ContrastiveConfig, DistillConfig, EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, RetroMAEConfig, SpeedConfig, StageConfig,
                                 SummarizeTablesConfig, TeacherScoresConfig, TrainTokenizerConfig)
 from granite_ray.objectives.mlm import MLMObjective
+from granite_ray.objectives.retriever import ContrastiveObjective, DistillObjective
+from granite_ray.objectives.retromae import RetroMAEObjective
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,16 @@ STAGES: dict[str, Stage] = {
                             help="stage 2: MLM at long context with a larger global RoPE theta, constant LR"),
     "decay-lr": Stage(PretrainMLMConfig, "granite_ray.pretrain:run_pretrain_mlm", MLMObjective,
                       help="stage 3: MLM with a 1-sqrt LR decay"),
+    "retromae": Stage(RetroMAEConfig, "granite_ray.retromae:run_retromae", RetroMAEObjective,
+                      help="stage 4: RetroMAE, encoder MLM + a one-layer decoder rebuilding the text from CLS"),
+    "tabular-retromae": Stage(RetroMAEConfig, "granite_ray.retromae:run_retromae", RetroMAEObjective,
+                              help="stage 5: RetroMAE on tables; the decoder rebuilds the table's LLM summary"),
+    "contrastive": Stage(ContrastiveConfig, "granite_ray.retriever:run_embedding_stage", ContrastiveObjective,
+                         help="stage 6: GTE improved contrastive loss, negatives gathered across workers, GradCache"),
+    "distill": Stage(DistillConfig, "granite_ray.retriever:run_embedding_stage", DistillObjective,
+                     help="stage 7: contrastive distillation from teacher scores over mined candidates"),
+    "adapt-conversations": Stage(DistillConfig, "granite_ray.retriever:run_embedding_stage", DistillObjective,
+                                 help="stage 8: distillation on multi-turn conversations (most recent turn first)"),
     "eval": Stage(EvalConfig, "granite_ray.evaluate.run:run_eval",
                   help="retrieval evaluation on BEIR folders (local or s3://) and mteb tasks"),
     "summarize-tables": Stage(SummarizeTablesConfig, "granite_ray.datajobs:run_summarize_tables",

@@ -1,7 +1,9 @@
 """The one Ray Train loop. Stages differ by their objective and data, never by a copy of this loop.
 
 An objective provides: build_model(), flops_per_token(model), reseed(rank, micro_step),
-batch_inputs(batch, device), loss(model, inputs) and save_artifact(model, uri, extra_files).
+batch_inputs(batch, device), loss(model, inputs) and save_artifact(model, uri, extra_files);
+optionally forward_backward(strategy, inputs, scale, boundary, autocast) when it runs its own
+backward passes (GradCache).
 The loop owns the parallel strategy (granite_ray.train.parallel), gradient accumulation, mixed
 precision, metrics, checkpoints (safetensors, to a local or s3:// storage path) and resume from
 the latest checkpoint.
@@ -96,6 +98,44 @@ def _new_window() -> dict:
             "t0": time.perf_counter()}
 
 
+def _rows(batch: dict[str, np.ndarray]) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _forward_backward(objective, strategy, inputs: dict, scale: float, boundary: bool, autocast) -> torch.Tensor:
+    """The scaled loss of one micro-batch, its gradients accumulated into the model."""
+    if hasattr(objective, "forward_backward"):
+        return objective.forward_backward(strategy, inputs, scale, boundary, autocast)
+    with strategy.accumulating(boundary), autocast():
+        loss = objective.loss(strategy.model, inputs) * scale
+    strategy.backward(loss, boundary)
+    return loss.detach()
+
+
+def _mixed_batches(shards: dict, weights: dict[str, float], batch_size: int, drop_last: bool, seed: int, start: int):
+    """Endless micro-batches, each from one dataset drawn with `weights`; the draw for micro-batch
+    i depends only on (seed, i), so every worker picks the same dataset at every step. A dataset
+    that runs out starts its next epoch."""
+    names = list(weights)
+    probabilities = np.array([weights[n] for n in names])
+    streams = {}
+    micro = start
+    while True:
+        name = names[np.random.default_rng([seed, micro]).choice(len(names), p=probabilities)]
+        for attempt in range(2):
+            if name not in streams:
+                streams[name] = iter(shards[name].iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                               prefetch_batches=2, drop_last=drop_last))
+            batch = next(streams[name], None)
+            if batch is not None:
+                break
+            del streams[name]
+        if batch is None:
+            raise RuntimeError(f"dataset {name!r} produced no batch of {batch_size} rows per worker")
+        micro += 1
+        yield batch
+
+
 def _strided_batches(batches, rank: int, world: int, batch_size: int, skip: int):
     """Deterministic sharding: the ordered stream is cut into global batches of world x batch_size
     rows and worker r takes the r-th slice of each. Every worker sees the same global batches (an
@@ -105,14 +145,14 @@ def _strided_batches(batches, rank: int, world: int, batch_size: int, skip: int)
     pending: dict[str, np.ndarray] | None = None
     seen = 0
     for batch in batches:
-        n = len(batch["input_ids"])
+        n = _rows(batch)
         start = min(max(skip - seen, 0), n)
         seen += n
         if start == n:
             continue
         batch = {k: v[start:] for k, v in batch.items()}
         pending = batch if pending is None else {k: np.concatenate([pending[k], batch[k]]) for k in batch}
-        while len(pending["input_ids"]) >= group:
+        while _rows(pending) >= group:
             yield {k: v[rank * batch_size:(rank + 1) * batch_size] for k, v in pending.items()}
             pending = {k: v[group:] for k, v in pending.items()}
 
@@ -146,14 +186,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     peak = peak_flops(device, tc.peak_flops)
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    shard = ray.train.get_dataset_shard("train")
+    dataset_weights = loop_config["dataset_weights"]
+    shards = {name: ray.train.get_dataset_shard(name) for name in dataset_weights}
     window = _new_window()
     micro = 0
     strategy.model.train()
 
     while state["step"] < tc.max_steps:
         seen_batch = False
-        batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2)
+        if len(shards) > 1:
+            batches = _mixed_batches(shards, dataset_weights, tc.batch_size, tc.drop_last, tc.seed,
+                                     state["step"] * tc.grad_accum_steps)
+        else:
+            batches = next(iter(shards.values())).iter_batches(batch_size=tc.batch_size, batch_format="numpy",
+                                                               prefetch_batches=2, drop_last=tc.drop_last)
         if tc.data_sharding == "stride":
             # `epoch_rows` counts the rows all workers have trained on this epoch: a resume skips them.
             batches = _strided_batches(batches, rank, world, tc.batch_size, state["epoch_rows"])
@@ -162,16 +208,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             objective.reseed(rank, state["step"] * tc.grad_accum_steps + micro % tc.grad_accum_steps)
             inputs = objective.batch_inputs(batch, device)
             boundary = (micro + 1) % tc.grad_accum_steps == 0
-            with strategy.accumulating(boundary), autocast():
-                loss = objective.loss(strategy.model, inputs) / tc.grad_accum_steps
-            strategy.backward(loss, boundary)
+            loss = _forward_backward(objective, strategy, inputs, 1 / tc.grad_accum_steps, boundary, autocast)
             micro += 1
-            window["loss"] += loss.detach()
+            window["loss"] += loss
             window["micro"] += 1
             window["tokens"] += inputs["_tokens"]
             window["step_tokens"] += inputs["_tokens"]
             window["slots"] += inputs["_slots"]
-            window["rows"] += len(batch["input_ids"])
+            window["rows"] += _rows(batch)
             if tc.record_samples:
                 window["ids"].extend("|".join(map(str, ids)) for ids in batch["doc_ids"])
             if not boundary:
@@ -198,6 +242,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 record = {"step": step, "loss": loss_sum / n, "lr": lr,
                           "tokens_per_s": tokens / elapsed, "packing_efficiency": tokens / max(slots, 1),
                           "mfu": tokens / elapsed * flops_per_token / (peak * world), "tokens_seen": state["tokens"]}
+                if hasattr(objective, "pop_metrics"):  # the objective's own loss parts, averaged over workers
+                    parts = objective.pop_metrics()
+                    totals = _global_sum([v for total, count in parts.values() for v in (total, count)], device)
+                    record.update({name: totals[2 * i] / max(totals[2 * i + 1], 1) for i, name in enumerate(parts)})
                 state["last"] = record
                 if rank == 0:
                     log.append(record)
@@ -239,14 +287,19 @@ def _report(strategy, state: dict, samples: list[dict], log: MetricsLog | None, 
     return weights
 
 
-def run_training(config: StageConfig, datasets: dict[str, ray.data.Dataset], tokenizer_files: dict[str, bytes]) -> ray.train.Result:
-    """Launch the loop on Ray Train workers; resumes when a run of the same name exists."""
+def run_training(config: StageConfig, datasets: dict[str, ray.data.Dataset], tokenizer_files: dict[str, bytes],
+                 dataset_weights: dict[str, float] | None = None) -> ray.train.Result:
+    """Launch the loop on Ray Train workers; resumes when a run of the same name exists.
+
+    Several datasets are mixed batch by batch with `dataset_weights` (default: equal)."""
     tc = config.train
+    dataset_weights = dataset_weights or {name: 1 / len(datasets) for name in datasets}
     use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     storage_path, filesystem = storage.ray_storage(config.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_files": tokenizer_files},
+        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_files": tokenizer_files,
+                           "dataset_weights": dataset_weights},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(

@@ -1,0 +1,154 @@
+"""Training rows for the embedding stages: FlagEmbedding-style {query, pos, neg[, pos_scores, neg_scores]}.
+
+Rows are read as raw lines (jsonl/parquet, local or s3://), validated, and tokenized in a Ray
+Data actor into framed token ids ("[CLS] prompt+text [SEP]" or whatever the model's tokenizer
+puts around a text), truncated to the query and passage budgets. Each row keeps exactly
+`negatives` hard negatives (cycled when it has fewer), so every worker's batch has one shape.
+A conversation query (a list of {speaker, text} turns) is written most recent turn first, so
+truncation at the end drops the oldest turns (Granite R2, conversational adaptation).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import ray
+from tokenizers import Tokenizer
+
+from granite_ray.config import PairDataConfig, split_label
+from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
+from granite_ray.llm import object_column
+
+
+class RowError(ValueError):
+    """A training row lacks a field or has the wrong type; the message names file and line."""
+
+
+def format_conversation(turns: list[dict]) -> str:
+    """Turns in reverse order (most recent first), each tagged with its speaker."""
+    lines = []
+    for turn in reversed(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("text"), str):
+            raise RowError("a conversation turn needs a text (string)")
+        lines.append(f"|{turn.get('speaker', 'user')}|: {turn['text'].strip()}")
+    return "\n".join(lines)
+
+
+def query_text(query) -> str:
+    if isinstance(query, str):
+        return query
+    if isinstance(query, list) and query:
+        return format_conversation(query)
+    raise RowError("query must be a string or a non-empty list of {speaker, text} turns")
+
+
+def _texts(value, field: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise RowError(f"{field} must be a string or a list of strings")
+
+
+def _scores(value, count: int, field: str) -> list[float]:
+    if not isinstance(value, list) or len(value) != count or not all(isinstance(v, (int, float)) for v in value):
+        raise RowError(f"{field} must be a list of {count} numbers, one per candidate")
+    return [float(v) for v in value]
+
+
+def cycled(items: list, n: int) -> list:
+    """Exactly n items: the first n, or the list repeated (FlagEmbedding's rule)."""
+    return [items[i % len(items)] for i in range(n)] if items else []
+
+
+def parse_pair(record: dict, negatives: int, with_scores: bool) -> dict:
+    """One row -> {query, pos, negs[, scores]}: the first positive and `negatives` negatives."""
+    if not isinstance(record, dict):
+        raise RowError("a row must be a JSON object")
+    if "query" not in record or "pos" not in record:
+        raise RowError(f"a row needs query and pos, got {sorted(record)}")
+    positives = _texts(record["pos"], "pos")
+    if not positives:
+        raise RowError("pos is empty")
+    negs = _texts(record.get("neg", []), "neg")
+    out = {"query": query_text(record["query"]), "pos": positives[0]}
+    picked = list(range(len(negs)))
+    if negatives:
+        if not negs:
+            raise RowError("no negatives")
+        picked = cycled(picked, negatives)
+        out["negs"] = [negs[i] for i in picked]
+    if with_scores:
+        pos_scores = _scores(record.get("pos_scores"), len(positives), "pos_scores")
+        neg_scores = _scores(record.get("neg_scores"), len(negs), "neg_scores")
+        out["scores"] = [pos_scores[0]] + [neg_scores[i] for i in picked]
+    return out
+
+
+class TokenizePairs:
+    """Ray Data actor: raw lines -> framed token ids of query, positive and negatives."""
+
+    def __init__(self, tokenizer_json: str, frame: tuple[list[int], list[int]], config: dict, with_scores: bool,
+                 counter) -> None:
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.prefix, self.suffix = frame
+        self.config = PairDataConfig(**config)
+        self.with_scores = with_scores
+        self.counter = counter
+
+    def _encode(self, texts: list[str], prompt: str, max_len: int) -> list[np.ndarray]:
+        room = max_len - len(self.prefix) - len(self.suffix)
+        encodings = self.tokenizer.encode_batch_fast([prompt + t for t in texts], add_special_tokens=False)
+        return [np.array(self.prefix + e.ids[:room] + self.suffix, dtype=np.int32) for e in encodings]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows, dropped = [], []
+        for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
+            try:
+                rows.append(parse_pair(json.loads(line), self.config.negatives, self.with_scores))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                dropped.append(("bad_json", f"{source}:{number}"))
+            except RowError as err:
+                dropped.append((str(err), f"{source}:{number}"))
+        if dropped:
+            ray.get(self.counter.add.remote(dropped))
+        cfg = self.config
+        out = {
+            "query": object_column(self._encode([r["query"] for r in rows], cfg.query_prompt or "", cfg.query_max_len)),
+            "pos": object_column(self._encode([r["pos"] for r in rows], cfg.passage_prompt or "", cfg.passage_max_len)),
+        }
+        n = cfg.negatives
+        if n:
+            flat = self._encode([t for r in rows for t in r["negs"]], cfg.passage_prompt or "", cfg.passage_max_len)
+            out["negs"] = object_column([flat[i * n:(i + 1) * n] for i in range(len(rows))])
+        if self.with_scores:
+            out["scores"] = np.array([r["scores"] for r in rows], dtype=np.float32).reshape(len(rows), 1 + n)
+        return out
+
+
+def read_pairs(config: PairDataConfig, tokenizer, frame, with_scores: bool) -> tuple[dict[str, ray.data.Dataset], dict[str, int], object]:
+    """One tokenized Dataset per named dataset, their row counts, and the drop counter."""
+    counter = DropCounter.remote()
+    datasets, sizes = {}, {}
+    for entry in config.datasets:
+        name, uri = split_label(entry)
+        if name in datasets:
+            raise ValueError(f"data.datasets: two datasets named {name!r}; label them name=path")
+        lines = read_record_lines(resolve_files([uri], field="data.datasets"), config.read_tasks)
+        if config.max_rows:
+            lines = lines.limit(config.max_rows)
+        datasets[name] = lines.map_batches(
+            TokenizePairs, batch_size=256, compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors), num_cpus=0.25,
+            fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), frame, config.model_dump(), with_scores, counter))
+        sizes[name] = lines.count()
+    return datasets, sizes, counter
+
+
+def sampling_weights(sizes: dict[str, int], power: float) -> dict[str, float]:
+    """Probability of drawing a batch from each dataset: proportional to size**power."""
+    raw = {name: n ** power for name, n in sizes.items() if n > 0}
+    total = sum(raw.values())
+    return {name: w / total for name, w in raw.items()}

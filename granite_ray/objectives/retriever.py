@@ -1,0 +1,193 @@
+"""Embedding objectives (stages 6-8): contrastive fine-tuning and contrastive distillation.
+
+Inputs per batch: framed token ids of each row's query, positive and `negatives` hard
+negatives (granite_ray.data.pairs), plus teacher scores for distillation. All texts of a batch
+are encoded in one padding-free varlen forward and pooled as the model's sentence-transformers
+config says. With several workers, the embeddings are gathered (autograd-aware) so every
+query sees every worker's passages as negatives; each worker then computes the loss of the
+whole global batch, which makes the gradients equal to one worker holding that batch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import AutoModel
+
+import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
+from granite_ray import storage
+from granite_ray.config import ContrastiveConfig, DistillConfig, RetrieverStageConfig, dump_config
+from granite_ray.encoder import packed_embeddings, sentence_transformers_settings
+from granite_ray.losses.contrastive import improved_contrastive_loss
+from granite_ray.losses.distill import distillation_loss
+from granite_ray.model import CONFIG_FILE, resolve_attn_implementation, sentence_transformers_files, set_global_rope_theta
+from granite_ray.train.metrics import encoder_flops_per_token
+
+
+def load_encoder(config: RetrieverStageConfig) -> tuple[torch.nn.Module, dict]:
+    """The base encoder (no task head) of `model.init_from` and its sentence-transformers settings."""
+    attn = resolve_attn_implementation(config.model.attn_implementation)
+    with storage.local_copy(config.model.init_from) as folder:
+        settings = sentence_transformers_settings(Path(folder))
+        model = AutoModel.from_pretrained(str(folder), attn_implementation=attn, dtype=torch.float32)
+    if getattr(model, "pooler", None) is not None:  # BERT's pooler is not in the embedding path: frozen, kept as loaded
+        model.pooler.requires_grad_(False)
+    if config.model.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = config.model.dropout
+    if config.model.global_rope_theta:
+        set_global_rope_theta(model, config.model.global_rope_theta)
+    return model, settings
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every worker's rows, concatenated in rank order; gradients flow back to each owner."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous()))
+
+
+def _sentence_transformers_modules(source: Path, out: Path) -> None:
+    """The source's pooling/normalize modules, so the artifact embeds the way the source did."""
+    if not (source / "modules.json").exists():
+        for name, content in sentence_transformers_files(json.loads((out / "config.json").read_text())["hidden_size"], 512).items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text(json.dumps(content, indent=2))
+        return
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, out / name)
+    for module in json.loads((source / "modules.json").read_text()):
+        if module.get("path") and (source / module["path"]).is_dir():  # Normalize has no folder
+            shutil.copytree(source / module["path"], out / module["path"], dirs_exist_ok=True)
+
+
+class EmbeddingObjective:
+    """What the embedding stages share: model, batch layout, one packed forward, artifact."""
+
+    def __init__(self, config: RetrieverStageConfig, tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.negatives = config.data.negatives
+
+    def build_model(self) -> torch.nn.Module:
+        model, settings = load_encoder(self.config)
+        self.pooling = settings["pooling"]
+        self.layer_types = getattr(model.config, "layer_types", None)
+        self.model_config = model.config
+        return model
+
+    def flops_per_token(self, model: torch.nn.Module) -> float:
+        cfg = model.config
+        if not hasattr(cfg, "layer_types") or not hasattr(cfg, "local_attention"):
+            return 6 * sum(p.numel() for p in model.parameters())  # 2 x params per token, forward and backward
+        return encoder_flops_per_token(cfg, self.config.data.passage_max_len, predicted_fraction=0.0)
+
+    def reseed(self, rank: int, step: int) -> None:
+        torch.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, step]).generate_state(1)[0]))
+
+    def batch_inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict:
+        rows = len(batch["query"])
+        sequences = [list(q) for q in batch["query"]] + [list(p) for p in batch["pos"]]
+        if self.negatives:
+            sequences += [list(n) for negs in batch["negs"] for n in negs]
+        tokens = sum(len(s) for s in sequences)
+        inputs = {"sequences": sequences, "rows": rows, "device": device, "_tokens": tokens, "_slots": tokens}
+        if "scores" in batch:
+            inputs["teacher"] = torch.as_tensor(np.stack(batch["scores"]), dtype=torch.float32, device=device)
+        return inputs
+
+    def embed(self, model: torch.nn.Module, sequences: list[list[int]], device: torch.device) -> torch.Tensor:
+        return packed_embeddings(model, sequences, self.pooling, self.layer_types, device).float()
+
+    def split(self, embeddings: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """[queries; positives; negatives row-major] -> q [B, d], pos [B, d], negs [B, n, d] or None."""
+        q, pos = embeddings[:rows], embeddings[rows:2 * rows]
+        negs = embeddings[2 * rows:].reshape(rows, self.negatives, -1) if self.negatives else None
+        return q, pos, negs
+
+    def loss(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        return self.loss_from_embeddings(self.embed(model, inputs["sequences"], inputs["device"]), inputs)
+
+    def save_artifact(self, model: torch.nn.Module, uri: str, extra_files: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory(prefix="granite-ray-artifact-") as tmp, \
+                storage.local_copy(self.config.model.init_from) as source:
+            out = Path(tmp)
+            model.save_pretrained(out, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
+            _sentence_transformers_modules(Path(source), out)
+            (out / CONFIG_FILE).write_text(dump_config(self.config))
+            for name, data in extra_files.items():
+                (out / name).write_bytes(data)
+            storage.upload_dir(out, uri)
+
+
+class ContrastiveObjective(EmbeddingObjective):
+    config: ContrastiveConfig
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, inputs: dict) -> torch.Tensor:
+        if self.config.gather_across_workers:
+            # One collective for all of them: per-tensor gathers could run their backward passes in
+            # different orders on different workers.
+            per_worker = gather(embeddings).reshape(-1, *embeddings.shape)
+            parts = [self.split(block, inputs["rows"]) for block in per_worker]
+            q, pos = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            negs = torch.cat([p[2] for p in parts]) if self.negatives else None
+        else:
+            q, pos, negs = self.split(embeddings, inputs["rows"])
+        c = self.config
+        return improved_contrastive_loss(q, pos, negs, temperature=c.temperature, query_query=c.query_query,
+                                         doc_query=c.doc_query, doc_doc=c.doc_doc)
+
+    def forward_backward(self, strategy, inputs: dict, scale: float, boundary: bool, autocast) -> torch.Tensor:
+        """With grad_cache_chunk (GradCache, Gao et al. 2021): embed all texts without a graph, take the
+        loss's gradient with respect to the embeddings, then re-encode chunk by chunk and push that
+        gradient through; memory holds one chunk's graph, never the batch's."""
+        chunk = self.config.grad_cache_chunk
+        if not chunk:
+            with strategy.accumulating(boundary), autocast():
+                loss = self.loss(strategy.model, inputs) * scale
+            strategy.backward(loss, boundary)
+            return loss.detach()
+        sequences, device = inputs["sequences"], inputs["device"]
+        parts = [sequences[i:i + chunk] for i in range(0, len(sequences), chunk)]
+        rng_states = []
+        with torch.no_grad(), autocast():
+            cached = []
+            for part in parts:  # the RNG state of each chunk, so dropout repeats in the second pass
+                rng_states.append((torch.get_rng_state(), torch.cuda.get_rng_state() if device.type == "cuda" else None))
+                cached.append(self.embed(strategy.model, part, device))
+        embeddings = torch.cat(cached).requires_grad_()
+        with autocast():
+            loss = self.loss_from_embeddings(embeddings, inputs) * scale
+        loss.backward()
+        gradient = embeddings.grad
+        start = 0
+        for i, (part, (cpu_state, cuda_state)) in enumerate(zip(parts, rng_states)):
+            last = i == len(parts) - 1
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state)
+            with strategy.accumulating(boundary and last), autocast():
+                surrogate = (self.embed(strategy.model, part, device) * gradient[start:start + len(part)]).sum()
+            strategy.backward(surrogate, boundary and last)
+            start += len(part)
+        return loss.detach()
+
+
+class DistillObjective(EmbeddingObjective):
+    config: DistillConfig
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, inputs: dict) -> torch.Tensor:
+        q, pos, negs = self.split(embeddings, inputs["rows"])
+        candidates = torch.nn.functional.normalize(torch.cat([pos[:, None], negs], dim=1), dim=-1)
+        student = torch.einsum("bd,bnd->bn", torch.nn.functional.normalize(q, dim=-1), candidates)
+        return distillation_loss(student, inputs["teacher"], temperature=self.config.temperature,
+                                 teacher_temperature=self.config.teacher_temperature)

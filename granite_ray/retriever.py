@@ -1,0 +1,48 @@
+"""Embedding training stages as Ray jobs: contrastive fine-tuning, distillation, conversational adaptation.
+
+Each reads FlagEmbedding-style rows through Ray Data, starts from `model.init_from` (an
+artifact URI or any HF/sentence-transformers encoder folder) and writes a new artifact that
+`SentenceTransformer(path)` and `AutoModel` load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ray
+from transformers import AutoTokenizer
+
+from granite_ray import storage
+from granite_ray.config import RetrieverStageConfig
+from granite_ray.data.pairs import read_pairs, sampling_weights
+from granite_ray.encoder import sentence_transformers_settings, special_frame
+from granite_ray.pretrain import tokenizer_files
+from granite_ray.runtime import init_ray, log
+from granite_ray.train.loop import run_training
+
+
+def run_embedding_stage(config: RetrieverStageConfig) -> str:
+    init_ray(config)
+    with storage.local_copy(config.model.init_from) as folder:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        prompts = sentence_transformers_settings(folder)["prompts"]
+    data = config.data
+    if data.query_prompt is None and prompts.get("query"):
+        data.query_prompt = prompts["query"]
+    if data.passage_prompt is None and (prompts.get("document") or prompts.get("passage")):
+        data.passage_prompt = prompts.get("document") or prompts.get("passage")
+    datasets, sizes, counter = read_pairs(data, tokenizer, special_frame(tokenizer), with_scores=config.stage != "contrastive")
+    weights = sampling_weights(sizes, data.sampling_power)
+    log(f"{config.stage}: datasets {sizes} sampled with probabilities "
+        f"{ {k: round(v, 3) for k, v in weights.items()} }")
+    result = run_training(config, {name: datasets[name] for name in weights}, tokenizer_files(tokenizer), weights)
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    dropped = ray.get(counter.examples.remote())
+    stats = {"rows": sizes, "sampling_weights": weights, "dropped_rows": {k: len(v) for k, v in dropped.items()},
+             "dropped_examples": {k: v[:20] for k, v in dropped.items()}, "final_metrics": result.metrics}
+    storage.write_bytes(storage.join(config.output_uri, "data_stats.json"), json.dumps(stats, indent=2).encode())
+    for reason, rows in dropped.items():
+        log(f"dropped {len(rows)} rows ({reason}), e.g. {rows[0]}")
+    log(f"artifact written to {config.output_uri}")
+    return config.output_uri

@@ -1,0 +1,121 @@
+"""RetroMAE stages as Ray jobs: text (stage 4) and tables with their LLM summaries (stage 5).
+
+Sources stream through Ray Data into examples {enc, dec} of framed token ids: a text document
+becomes one example per `data.max_seq_len` window (dec empty: rebuild the window itself); a
+table its linearization, with the decoder target its summary when one exists. Tabular RetroMAE
+mixes its sources batch by batch (tables, tables with summaries, a replay of text).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import ray
+from tokenizers import Tokenizer
+
+from granite_ray import storage
+from granite_ray.config import RetroMAEConfig
+from granite_ray.data.corpus import DropCounter, read_corpus, read_record_lines, resolve_files
+from granite_ray.data.pairs import sampling_weights
+from granite_ray.datajobs import read_tables
+from granite_ray.encoder import special_frame
+from granite_ray.llm import object_column
+from granite_ray.pretrain import tokenizer_files
+from granite_ray.runtime import init_ray, log
+from granite_ray.tokenizer import load_tokenizer
+from granite_ray.train.loop import run_training
+
+
+class TokenizeExamples:
+    """Ray Data actor: {enc_text[, dec_text]} rows -> {enc, dec} framed token ids.
+
+    `windows=True` cuts a long encoder text into consecutive windows, one example each."""
+
+    def __init__(self, tokenizer_json: str, frame: tuple[list[int], list[int]], max_len: int, windows: bool) -> None:
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.prefix, self.suffix = frame
+        self.room = max_len - len(self.prefix) - len(self.suffix)
+        self.windows = windows
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        encoded = self._ids(list(batch["enc_text"]))
+        targets = self._ids(list(batch["dec_text"])) if "dec_text" in batch else [[] for _ in encoded]
+        enc, dec = [], []
+        for content, target in zip(encoded, targets):
+            pieces = [content[s:s + self.room] for s in range(0, len(content), self.room)] if self.windows else [content[:self.room]]
+            for piece in pieces:
+                if len(piece) < 2:
+                    continue
+                enc.append(np.array(self.prefix + piece + self.suffix, dtype=np.int32))
+                dec.append(np.array(self.prefix + target[:self.room] + self.suffix if target else [], dtype=np.int32))
+        return {"enc": object_column(enc), "dec": object_column(dec)}
+
+
+def _summary_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """summarize-tables parquet rows -> the linearized table and its summary."""
+    enc, dec = [], []
+    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
+        row = json.loads(line)
+        if not isinstance(row.get("linearized"), str) or not isinstance(row.get("summary"), str):
+            raise ValueError(f"{source}:{number}: a summarize-tables row needs linearized and summary (strings)")
+        enc.append(row["linearized"])
+        dec.append(row["summary"])
+    return {"enc_text": np.array(enc, dtype=object), "dec_text": np.array(dec, dtype=object)}
+
+
+def _examples(ds: ray.data.Dataset, tokenizer, config: RetroMAEConfig, windows: bool) -> ray.data.Dataset:
+    return ds.map_batches(TokenizeExamples, batch_size=256, num_cpus=0.25,
+                          compute=ray.data.ActorPoolStrategy(size=config.data.tokenize_actors),
+                          fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer),
+                                               config.data.max_seq_len, windows))
+
+
+def retromae_sources(config: RetroMAEConfig, tokenizer, counter) -> dict[str, ray.data.Dataset]:
+    sources = {}
+    if config.data.paths:
+        text, _ = read_corpus(config.data, counter)
+        sources["text"] = _examples(text.map_batches(lambda b: {"enc_text": b["text"]}, batch_size=None, num_cpus=0.25),
+                                    tokenizer, config, windows=True)
+    tables = config.tables
+    if config.stage == "tabular-retromae" and tables.summaries:
+        lines = read_record_lines(resolve_files(tables.summaries, "parquet", "tables.summaries"), config.data.read_tasks)
+        sources["summaries"] = _examples(lines.map_batches(_summary_rows, batch_size=None, num_cpus=0.25),
+                                         tokenizer, config, windows=False)
+    if config.stage == "tabular-retromae" and tables.tables:
+        raw = read_tables(tables.tables, counter).map_batches(lambda b: {"enc_text": b["linearized"]}, batch_size=None, num_cpus=0.25)
+        sources["tables"] = _examples(raw, tokenizer, config, windows=False)
+    return sources
+
+
+def run_retromae(config: RetroMAEConfig) -> str:
+    init_ray(config)
+    tokenizer = load_tokenizer(config.model.init_from)
+    counter = DropCounter.remote()
+    sources = retromae_sources(config, tokenizer, counter)
+    if len(sources) > 1:
+        given = config.tables.weights
+        if given:
+            unknown = set(given) - set(sources)
+            if unknown:
+                raise ValueError(f"tables.weights: no source named {sorted(unknown)} (sources: {sorted(sources)})")
+            total = sum(given.values())
+            weights = {k: v / total for k, v in given.items() if v > 0}
+        else:
+            weights = sampling_weights({name: ds.count() for name, ds in sources.items()}, 0.5)
+        log(f"{config.stage}: sources mixed with probabilities { {k: round(v, 3) for k, v in weights.items()} }")
+    else:
+        weights = {name: 1.0 for name in sources}
+    result = run_training(config, {name: sources[name] for name in weights}, tokenizer_files(tokenizer), weights)
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    dropped = ray.get(counter.totals.remote())
+    stats = {"dropped_rows": dropped, "sampling_weights": weights, "final_metrics": result.metrics}
+    storage.write_bytes(storage.join(config.output_uri, "data_stats.json"), json.dumps(stats, indent=2).encode())
+    log(f"artifact written to {config.output_uri}")
+    return config.output_uri

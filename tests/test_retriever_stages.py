@@ -1,0 +1,269 @@
+"""Embedding stages on the one Ray Train loop: cross-worker negatives, GradCache, distillation,
+conversational queries, RetroMAE and tabular RetroMAE, each from an artifact to an artifact."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SAMPLE, SHARED_DATA as DATA
+from granite_ray.config import ContrastiveConfig, DistillConfig, RetroMAEConfig, load_config
+
+
+def _beir_pairs(path, negatives: int = 2, limit: int = 64, with_scores: bool = False) -> None:
+    """Rows {query, pos, neg} from cranfield's real queries and judgements; negatives drawn at random."""
+    root = DATA / "cranfield"
+    docs = {}
+    for line in (root / "corpus.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        docs[row["_id"]] = (row.get("title", "") + " " + row["text"]).strip()
+    queries = {r["_id"]: r["text"] for r in map(json.loads, (root / "queries.jsonl").read_text().splitlines())}
+    relevant: dict[str, list[str]] = {}
+    for line in (root / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, score = line.split("\t")
+        if int(score) > 0:
+            relevant.setdefault(q, []).append(d)
+    rng = random.Random(0)
+    ids = sorted(docs)
+    with open(path, "w") as f:
+        for q in sorted(relevant)[:limit]:
+            negs = [d for d in rng.sample(ids, negatives + 5) if d not in relevant[q]][:negatives]
+            row = {"query": queries[q], "pos": [docs[relevant[q][0]]], "neg": [docs[d] for d in negs]}
+            if with_scores:
+                row |= {"pos_scores": [rng.uniform(0.6, 0.9)], "neg_scores": [rng.uniform(0.1, 0.6) for _ in negs]}
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "cranfield_pairs.jsonl"
+    _beir_pairs(path, with_scores=True)
+    return path
+
+
+def _contrastive(tmp_path, artifact, pairs, name: str, *overrides: str):
+    from granite_ray.retriever import run_embedding_stage
+
+    out = tmp_path / name
+    config = load_config(ContrastiveConfig, None, [
+        f"model.init_from={artifact}", "model.dropout=0", f"data.datasets=[{pairs}]", "data.negatives=2",
+        "data.passage_max_len=48", "data.query_max_len=24", "train.max_steps=3", "train.log_every=1", "train.lr=1e-4",
+        "train.optimizer=adamw", "train.schedule=constant", "train.data_sharding=stride", "train.precision=fp32",
+        "train.clip_grad_norm=null", "query_query=true", "doc_doc=true", f"storage_path={tmp_path / 'runs'}",
+        f"output_uri={out}", f"run_name={name}", *overrides])
+    run_embedding_stage(config)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return losses, load_file(str(out / "model.safetensors"))
+
+
+def test_negatives_gathered_across_workers_and_grad_cache_match_one_worker_holding_the_batch(ray_local, tmp_path, minilm_path, pairs):
+    """MiniLM with dropout off: any difference left is the order of float reductions."""
+    whole, weights = _contrastive(tmp_path, minilm_path, pairs, "one-worker", "train.num_workers=1", "train.batch_size=8")
+    split, split_weights = _contrastive(tmp_path, minilm_path, pairs, "two-workers", "train.num_workers=2",
+                                        "train.cpus_per_worker=0.5", "train.batch_size=4")
+    cached, cached_weights = _contrastive(tmp_path, minilm_path, pairs, "two-workers-gradcache", "train.num_workers=2",
+                                          "train.cpus_per_worker=0.5", "train.batch_size=4", "grad_cache_chunk=5")
+    alone, _ = _contrastive(tmp_path, minilm_path, pairs, "two-workers-local-negatives", "train.num_workers=2",
+                            "train.cpus_per_worker=0.5", "train.batch_size=4", "gather_across_workers=false")
+    assert len(whole) == 3
+    # 2 workers x 4 rows, each query against all 8 rows' passages, equal the 8-row batch on one worker.
+    assert split == pytest.approx(whole, rel=1e-5, abs=1e-5)
+    assert cached == pytest.approx(whole, rel=1e-5, abs=1e-5)
+    assert alone[0] < whole[0] - 0.1  # without gathering each query has fewer negatives: an easier loss
+    initial = load_file(f"{minilm_path}/model.safetensors")
+    moved = max((weights[k] - initial[k]).abs().max().item() for k in weights if k in initial)
+    assert moved > 1e-4  # the weights moved, so agreeing weights mean agreeing gradients
+    for key in weights:
+        if key.endswith("attention.self.key.bias"):
+            continue  # its exact gradient is zero (softmax ignores a per-query constant): AdamW scales float noise to full steps
+        torch.testing.assert_close(split_weights[key], weights[key], atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(cached_weights[key], weights[key], atol=2e-6, rtol=1e-4)
+
+
+class _OneProcess:
+    """The single-process case of the strategies' interface (what DDP does with one worker)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def accumulating(self, boundary):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss, boundary):
+        loss.backward()
+
+
+@pytest.mark.parametrize("chunk, dropout", [(1, False), (3, False), (7, False), (24, True)])
+def test_grad_cache_equals_uncached_loss_and_gradients(minilm_path, tmp_path, pairs, chunk, dropout):
+    """On MiniLM. With dropout on and one chunk of all 24 texts the masks match the uncached pass only
+    if GradCache replays each chunk's RNG state in its second pass."""
+    import contextlib
+
+    from granite_ray.data.pairs import TokenizePairs
+    from granite_ray.encoder import special_frame
+    from granite_ray.objectives.retriever import ContrastiveObjective
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = load_config(ContrastiveConfig, None, [f"model.init_from={minilm_path}", f"data.datasets=[{pairs}]",
+                                                   "data.negatives=2", "data.passage_max_len=32", "query_query=true",
+                                                   "doc_query=true", f"grad_cache_chunk={chunk}"])
+    lines = pairs.read_bytes().splitlines()[:6]
+    batch = TokenizePairs(tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), config.data.model_dump(), False,
+                          None)({"line": np.array(lines, dtype=object), "source": np.array(["p"] * 6, dtype=object),
+                                 "lineno": np.arange(6)})
+    objective = ContrastiveObjective(config, tokenizer)
+    model = objective.build_model().train(dropout)
+    inputs = objective.batch_inputs(batch, torch.device("cpu"))
+    results = []
+    for cache in (None, chunk):
+        objective.config.grad_cache_chunk = cache
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss = objective.forward_backward(_OneProcess(model), inputs, 0.5, True, contextlib.nullcontext)
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_loss, plain_grads), (cached_loss, cached_grads) = results
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain_grads.keys() == cached_grads.keys() and len(plain_grads) > 50
+    for name in plain_grads:
+        torch.testing.assert_close(cached_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_distillation_stage_from_s3_artifact_to_s3_artifact_learns_teacher_order(ray_local, s3, bucket, tmp_path, minilm_path, pairs):
+    from sentence_transformers import SentenceTransformer
+
+    from granite_ray import storage
+    from granite_ray.retriever import run_embedding_stage
+
+    storage.upload_dir(minilm_path, f"s3://{bucket}/minilm")
+    storage.write_bytes(f"s3://{bucket}/kd/rows.jsonl", pairs.read_bytes())
+    config = load_config(DistillConfig, None, [
+        f"model.init_from=s3://{bucket}/minilm", f"data.datasets=[s3://{bucket}/kd]", "data.negatives=2",
+        "data.passage_max_len=64", "train.batch_size=8", "train.max_steps=8", "train.log_every=2", "train.lr=5e-5",
+        "train.optimizer=adamw", "train.schedule=constant", f"storage_path=s3://{bucket}/runs",
+        f"output_uri=s3://{bucket}/distilled", "run_name=kd"])
+    run_embedding_stage(config)
+    local = storage.download_dir(f"s3://{bucket}/distilled", tmp_path / "distilled")
+    losses = [json.loads(line)["loss"] for line in (local / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model = SentenceTransformer(str(local), device="cpu")
+    source = SentenceTransformer(minilm_path, device="cpu")
+    assert [type(m).__name__ for m in model] == [type(m).__name__ for m in source]  # mean pooling + normalize kept
+    assert model.encode(["a query"]).shape == (1, 384)
+
+
+def test_conversation_queries_put_the_latest_turn_first_and_truncate_the_oldest(minilm_path):
+    from granite_ray.data.pairs import TokenizePairs, format_conversation, parse_pair
+    from granite_ray.encoder import special_frame
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in (DATA / "mtrag_ibmcloud" / "queries.jsonl").read_text().splitlines()]
+    turns = max(rows, key=lambda r: len(r["conversation"]))["conversation"]
+    text = format_conversation(turns)
+    assert text.splitlines()[0] == f"|{turns[-1]['speaker']}|: {turns[-1]['text'].strip()}"
+    assert text.rstrip().endswith(turns[0]["text"].strip())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = DistillConfig.model_validate({"model": {"init_from": minilm_path}, "data": {
+        "datasets": ["x"], "negatives": 1, "query_max_len": 32}})
+    record = {"query": turns, "pos": ["p"], "neg": ["n"], "pos_scores": [0.9], "neg_scores": [0.1]}
+    out = TokenizePairs(tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), config.data.model_dump(), True, None)(
+        {"line": np.array([json.dumps(record).encode()], dtype=object), "source": np.array(["c"], dtype=object),
+         "lineno": np.array([1])})
+    query = tokenizer.decode(out["query"][0], skip_special_tokens=True)
+    assert len(out["query"][0]) == 32
+    assert query.startswith(tokenizer.decode(tokenizer(f"|{turns[-1]['speaker']}|: {turns[-1]['text']}",
+                                                       add_special_tokens=False)["input_ids"][:10]))
+    assert turns[0]["text"][:20].lower() not in query  # the oldest turn is what truncation dropped
+    with pytest.raises(ValueError, match="pos_scores"):
+        parse_pair({"query": "q", "pos": ["p"], "neg": ["n"]}, 1, with_scores=True)
+    assert parse_pair({"query": "q", "pos": "p", "neg": ["a", "b"]}, 5, False)["negs"] == ["a", "b", "a", "b", "a"]
+
+
+def test_mixture_draws_the_same_dataset_on_every_worker_in_proportion_to_sqrt_size():
+    from granite_ray.data.pairs import sampling_weights
+    from granite_ray.train.loop import _mixed_batches
+
+    weights = sampling_weights({"big": 900, "small": 100}, 0.5)
+    assert weights["big"] == pytest.approx(0.75) and weights["small"] == pytest.approx(0.25)
+
+    class Shard:
+        def __init__(self, name, rows):
+            self.name, self.rows = name, rows
+
+        def iter_batches(self, batch_size, **_):
+            for start in range(0, self.rows - batch_size + 1, batch_size):
+                yield {"source": np.array([self.name] * batch_size)}
+
+    def draws(rank_seed_start):
+        stream = _mixed_batches({"big": Shard("big", 40), "small": Shard("small", 8)}, weights, 4, True, 7, rank_seed_start)
+        return [next(stream)["source"][0] for _ in range(2000)]
+
+    first, again = draws(0), draws(0)
+    assert first == again  # what every worker computes
+    assert first[10:] == draws(10)[:-10]  # a resume at micro-batch 10 continues the same sequence
+    assert first.count("small") / len(first) == pytest.approx(0.25, abs=0.03)
+
+
+def test_retromae_decoder_loss_falls_on_real_text(ray_local, tmp_path, tiny_artifact):
+    from granite_ray.retromae import run_retromae
+
+    out = tmp_path / "retromae"
+    config = load_config(RetroMAEConfig, None, [
+        f"model.init_from={tiny_artifact}", "model.global_rope_theta=80000", f"data.paths=[{SAMPLE}/cranfield.jsonl]",
+        "data.max_seq_len=128", "train.batch_size=16", "train.max_steps=60", "train.log_every=5", "train.lr=3e-3",
+        "train.schedule=constant", f"storage_path={tmp_path / 'runs'}", f"output_uri={out}", "run_name=retromae"])
+    run_retromae(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    decoder = [r["decoder_loss"] for r in records]
+    assert len(decoder) == 12 and np.mean(decoder[-3:]) < np.mean(decoder[:3]) - 0.5, decoder
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(str(out))  # the artifact is the encoder alone
+    assert encoder.config.rope_parameters["full_attention"]["rope_theta"] == 80000
+
+
+def test_tabular_retromae_mixes_tables_summaries_and_text(ray_local, tmp_path, tiny_artifact):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from granite_ray.data.tables import parse_table
+    from granite_ray.retromae import run_retromae
+
+    rows = [json.loads(line) for line in (DATA / "fetaqa_dev" / "corpus.jsonl").read_text().splitlines()[:64]]
+    summaries = tmp_path / "summaries"
+    summaries.mkdir()
+    # Stand-ins for LLM summaries: the tables' real titles and first rows, in words.
+    pq.write_table(pa.table({
+        "linearized": [parse_table(r["text"], "markdown").linearize() for r in rows],
+        "summary": [f"{r['title']}: " + ", ".join(parse_table(r["text"], "markdown").rows[0]) for r in rows]}),
+        summaries / "part-0.parquet")
+    out = tmp_path / "tabular"
+    config = load_config(RetroMAEConfig, None, [
+        "stage=tabular-retromae", f"model.init_from={tiny_artifact}", f"data.paths=[{SAMPLE}/cranfield.jsonl]",
+        "data.max_seq_len=128", "data.mlm_probability=0.2", "decoder_mask_probability=0.6",
+        f"tables.summaries=[{summaries}]", f"tables.tables.paths=[{DATA / 'fetaqa_dev' / 'corpus.jsonl'}]",
+        "tables.weights={summaries: 0.5, tables: 0.3, text: 0.2}", "train.batch_size=8", "train.max_steps=12",
+        "train.log_every=4", "train.lr=1e-3", f"storage_path={tmp_path / 'runs'}", f"output_uri={out}", "run_name=tab"])
+    run_retromae(config)
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["sampling_weights"] == pytest.approx({"summaries": 0.5, "tables": 0.3, "text": 0.2})
+    assert all(np.isfinite(json.loads(line)["decoder_loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_bad_stage_configs_name_the_field(tiny_artifact):
+    from granite_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.negatives"):
+        load_config(DistillConfig, None, [f"model.init_from={tiny_artifact}", "data.datasets=[x]"])
+    with pytest.raises(ConfigError, match="grad_cache_chunk"):
+        load_config(ContrastiveConfig, None, [f"model.init_from={tiny_artifact}", "data.datasets=[x]",
+                                              "grad_cache_chunk=4", "train.sharding=deepspeed"])
+    with pytest.raises(ConfigError, match="tables"):
+        load_config(RetroMAEConfig, None, ["stage=tabular-retromae", f"model.init_from={tiny_artifact}"])
