@@ -164,6 +164,8 @@ class EncoderPoolFields(BaseModel):
     cpus_per_actor: float = Field(1.0, gt=0, description="also the actor's torch threads (rounded up)")
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs")
     read_tasks: int = Field(2, gt=0)
+    query_format: Literal["text", "conversation"] = Field(
+        "text", description="conversation: queries from their `conversation` turns, most recent first")
 
 
 class StageConfig(Section):
@@ -408,6 +410,7 @@ class ContrastiveConfig(RetrieverStageConfig):
     doc_query: bool = Field(False, description="other queries as negatives of a positive")
     doc_doc: bool = Field(False, description="other passages as negatives of a positive")
     gather_across_workers: bool = Field(True, description="in-batch negatives from every worker's batch")
+    mask_duplicate_positives: bool = Field(True, description="an in-batch copy of a query's positive is not its negative")
     grad_cache_chunk: int | None = Field(None, gt=0, description="GradCache: texts encoded per chunk; None: one pass")
 
     @model_validator(mode="after")

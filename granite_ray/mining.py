@@ -70,7 +70,7 @@ def select_negatives(candidates: list[tuple[str, float]], positives: dict[str, f
 
 def run_mine_negatives(config: MineNegativesConfig) -> str:
     init_ray(config)
-    dataset = load_beir(config.dataset, config.split)
+    dataset = load_beir(config.dataset, config.split, config.query_format)
     query_ids, queries, doc_ids, docs = encode_dataset(config.model, dataset, config)
     check_qrels_against_corpus(dataset, set(doc_ids))
     log(f"{len(doc_ids)} documents and {len(query_ids)} queries encoded; building a {config.index} index", TAG)

@@ -64,3 +64,14 @@ def test_cli_reports_config_errors(capsys):
 
     assert main(["pretrain-mlm", "train.batch_size=0"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_validates_for_its_stage(path):
+    import yaml
+
+    from granite_ray.stages import STAGES
+
+    stage = yaml.safe_load(path.read_text()).get("stage", "pretrain-mlm")  # the default stage of its config class
+    config = load_config(STAGES[stage].config_cls, path)
+    assert config.stage == stage

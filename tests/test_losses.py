@@ -57,3 +57,21 @@ def test_distillation_loss_equals_distill_kl_div_loss(st_model, temperature):
     ours = distillation_loss(student, teacher, temperature=temperature)
     assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
     assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)  # student equals teacher
+
+
+def test_in_batch_copies_of_a_positive_are_not_negatives():
+    """Rows 0 and 1 share one positive document: each row's copy in the other column is masked."""
+    q, p, n = _embeddings(batch=4, negatives=1)
+    p = torch.cat([p[:1], p[:1], p[2:]]).detach()
+    pos_ids, neg_ids = torch.tensor([7, 7, 8, 9]), torch.tensor([[1], [2], [7], [3]])
+    ours = improved_contrastive_loss(q, p, n, temperature=0.05, doc_ids=(pos_ids, neg_ids))
+    qn = torch.nn.functional.normalize(q, dim=-1)
+    docs = torch.nn.functional.normalize(torch.cat([p, n[:, 0]]), dim=-1)
+    logits = qn @ docs.T / 0.05
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    keep[0, 1] = keep[1, 0] = False  # the shared positive, seen from the other row
+    keep[0, 6] = keep[1, 6] = False  # row 2's negative is that same document
+    expected = torch.stack([torch.logsumexp(logits[i][keep[i]], 0) - logits[i, i] for i in range(4)]).mean()
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+    plain = improved_contrastive_loss(q, p, n, temperature=0.05)
+    assert plain.item() > ours.item() + 1e-3  # unmasked, a copy scores exactly as high as the positive

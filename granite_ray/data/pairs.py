@@ -17,22 +17,9 @@ import ray
 from tokenizers import Tokenizer
 
 from granite_ray.config import PairDataConfig, split_label
+from granite_ray.data.conversations import RowError, format_conversation
 from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
 from granite_ray.llm import object_column
-
-
-class RowError(ValueError):
-    """A training row lacks a field or has the wrong type; the message names file and line."""
-
-
-def format_conversation(turns: list[dict]) -> str:
-    """Turns in reverse order (most recent first), each tagged with its speaker."""
-    lines = []
-    for turn in reversed(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("text"), str):
-            raise RowError("a conversation turn needs a text (string)")
-        lines.append(f"|{turn.get('speaker', 'user')}|: {turn['text'].strip()}")
-    return "\n".join(lines)
 
 
 def query_text(query) -> str:

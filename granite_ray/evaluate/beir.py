@@ -13,6 +13,7 @@ import numpy as np
 import ray
 
 from granite_ray import storage
+from granite_ray.data.conversations import RowError, format_conversation
 from granite_ray.data.corpus import read_record_lines
 
 
@@ -53,8 +54,10 @@ def _jsonl(data: bytes, uri: str) -> list[dict]:
     return rows
 
 
-def load_beir(uri: str, split: str = "test") -> BeirDataset:
-    """Queries and qrels of one split, checked against each other."""
+def load_beir(uri: str, split: str = "test", query_format: str = "text") -> BeirDataset:
+    """Queries and qrels of one split, checked against each other.
+
+    `query_format="conversation"` makes each query from its `conversation` turns, most recent first."""
     qrels_uri = storage.join(uri, "qrels", f"{split}.tsv")
     if not storage.exists(qrels_uri):
         present = [f.rsplit("/", 1)[-1].removesuffix(".tsv") for f in storage.list_files(storage.join(uri, "qrels"))
@@ -67,7 +70,16 @@ def load_beir(uri: str, split: str = "test") -> BeirDataset:
     for row in _jsonl(_require(queries_uri, "queries"), queries_uri):
         if "_id" not in row or not isinstance(row.get("text"), str):
             raise DatasetError(f"{queries_uri}: every query needs _id and text, got {sorted(row)}")
-        queries[str(row["_id"])] = row["text"]
+        if query_format == "conversation":
+            turns = row.get("conversation")
+            if not isinstance(turns, list) or not turns:
+                raise DatasetError(f"{queries_uri}: query {row['_id']} has no conversation (a list of turns)")
+            try:
+                queries[str(row["_id"])] = format_conversation(turns)
+            except RowError as err:
+                raise DatasetError(f"{queries_uri}: query {row['_id']}: {err}") from None
+        else:
+            queries[str(row["_id"])] = row["text"]
     qrels: dict[str, dict[str, int]] = {}
     for number, line in enumerate(storage.read_bytes(qrels_uri).decode("utf-8").splitlines(), 1):
         fields = line.strip().split("\t")

@@ -159,7 +159,7 @@ def bar_chart_png(results: dict[str, dict[str, dict]], metric: str = "ndcg_at_10
 def run_eval(config: EvalConfig) -> str:
     """Evaluate every model on every dataset; write results.json, results.md and ndcg_at_10.png."""
     init_ray(config)
-    datasets = [load_beir(uri, config.split) for uri in config.datasets]  # fail on a bad folder before encoding
+    datasets = [load_beir(uri, config.split, config.query_format) for uri in config.datasets]  # fail on a bad folder before encoding
     labels, uris = zip(*(split_label(m) for m in config.models))
     if len(set(labels)) != len(labels):
         raise ValueError(f"models: labels {list(labels)} repeat; name them as label=path")

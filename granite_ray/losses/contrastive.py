@@ -6,6 +6,8 @@ cosine similarities over a temperature. One softmax per query over its positive 
 negatives: every other document of the batch (q->d), and with the switches the other queries
 (q->q), the other queries seen from its positive (d->q) and the other documents seen from its
 positive (d->d). With all switches off this is InfoNCE with in-batch negatives.
+Optional `doc_ids` (positives [B], negatives [B, n]) mask any other column holding the very
+document that is this query's positive: an in-batch false negative.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 def improved_contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
                               temperature: float = 0.05, query_query: bool = False, doc_query: bool = False,
-                              doc_doc: bool = False) -> torch.Tensor:
+                              doc_doc: bool = False, doc_ids: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     batch = queries.shape[0]
     q = F.normalize(queries, dim=-1)
     pos = F.normalize(positives, dim=-1)
@@ -25,14 +27,19 @@ def improved_contrastive_loss(queries: torch.Tensor, positives: torch.Tensor, ne
         docs += list(F.normalize(negatives, dim=-1).transpose(0, 1))  # n tensors of [B, d], column-wise
     all_docs = torch.cat(docs)  # [B * (1 + n), d]: positives first, then each negative column
     rows = torch.arange(batch, device=q.device)
-    terms = [q @ all_docs.T]
+    own = torch.eye(batch, dtype=torch.bool, device=q.device).repeat(1, len(docs))  # each row's own positive/negatives
+    duplicate = torch.zeros_like(own)
+    if doc_ids is not None:
+        pos_ids, neg_ids = doc_ids
+        all_ids = torch.cat([pos_ids] + (list(neg_ids.T) if neg_ids is not None else []))
+        duplicate = (all_ids[None, :] == pos_ids[:, None]) & ~torch.eye(batch, len(all_ids), dtype=torch.bool, device=q.device)
+    terms = [(q @ all_docs.T).masked_fill(duplicate, -torch.inf)]
     if query_query:
         qq = q @ q.T
         terms.append(qq.masked_fill(torch.eye(batch, dtype=torch.bool, device=q.device), -torch.inf))
     if doc_query:
         terms.append(pos @ q.T)
     if doc_doc:
-        same_query = torch.eye(batch, dtype=torch.bool, device=q.device).repeat(1, len(docs))
-        terms.append((pos @ all_docs.T).masked_fill(same_query, -torch.inf))
+        terms.append((pos @ all_docs.T).masked_fill(own | duplicate, -torch.inf))
     logits = torch.cat(terms, dim=1) / temperature
     return (torch.logsumexp(logits, dim=1) - logits[rows, rows]).mean()

@@ -48,10 +48,14 @@ def load_encoder(config: RetrieverStageConfig) -> tuple[torch.nn.Module, dict]:
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Every worker's rows, concatenated in rank order; gradients flow back to each owner."""
+    """Every worker's rows, stacked in rank order [world, ...]; gradients flow back to each owner."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous()))
+        return tensor[None]
+    if not tensor.requires_grad:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+    return torch.stack(torch.distributed.nn.functional.all_gather(tensor.contiguous()))
 
 
 def _sentence_transformers_modules(source: Path, out: Path) -> None:
@@ -99,7 +103,10 @@ class EmbeddingObjective:
         if self.negatives:
             sequences += [list(n) for negs in batch["negs"] for n in negs]
         tokens = sum(len(s) for s in sequences)
-        inputs = {"sequences": sequences, "rows": rows, "device": device, "_tokens": tokens, "_slots": tokens}
+        # A passage's identity is its token ids: in-batch copies of a query's positive are not its negatives.
+        passage_ids = torch.tensor([hash(tuple(s)) for s in sequences[rows:]], dtype=torch.int64, device=device)
+        inputs = {"sequences": sequences, "rows": rows, "device": device, "passage_ids": passage_ids,
+                  "_tokens": tokens, "_slots": tokens}
         if "scores" in batch:
             inputs["teacher"] = torch.as_tensor(np.stack(batch["scores"]), dtype=torch.float32, device=device)
         return inputs
@@ -133,18 +140,23 @@ class ContrastiveObjective(EmbeddingObjective):
     config: ContrastiveConfig
 
     def loss_from_embeddings(self, embeddings: torch.Tensor, inputs: dict) -> torch.Tensor:
+        rows, ids = inputs["rows"], inputs["passage_ids"]
         if self.config.gather_across_workers:
-            # One collective for all of them: per-tensor gathers could run their backward passes in
-            # different orders on different workers.
-            per_worker = gather(embeddings).reshape(-1, *embeddings.shape)
-            parts = [self.split(block, inputs["rows"]) for block in per_worker]
+            # One collective for all embeddings: per-tensor gathers could run their backward passes
+            # in different orders on different workers and mix up their gradients.
+            parts = [self.split(block, rows) for block in gather(embeddings)]
             q, pos = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             negs = torch.cat([p[2] for p in parts]) if self.negatives else None
+            ids = gather(ids)
         else:
-            q, pos, negs = self.split(embeddings, inputs["rows"])
+            q, pos, negs = self.split(embeddings, rows)
+            ids = ids[None]
+        pos_ids = ids[:, :rows].reshape(-1)
+        neg_ids = ids[:, rows:].reshape(-1, self.negatives) if self.negatives else None
         c = self.config
         return improved_contrastive_loss(q, pos, negs, temperature=c.temperature, query_query=c.query_query,
-                                         doc_query=c.doc_query, doc_doc=c.doc_doc)
+                                         doc_query=c.doc_query, doc_doc=c.doc_doc,
+                                         doc_ids=(pos_ids, neg_ids) if c.mask_duplicate_positives else None)
 
     def forward_backward(self, strategy, inputs: dict, scale: float, boundary: bool, autocast) -> torch.Tensor:
         """With grad_cache_chunk (GradCache, Gao et al. 2021): embed all texts without a graph, take the
