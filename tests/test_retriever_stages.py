@@ -267,3 +267,59 @@ def test_bad_stage_configs_name_the_field(tiny_artifact):
                                               "grad_cache_chunk=4", "train.sharding=deepspeed"])
     with pytest.raises(ConfigError, match="tables"):
         load_config(RetroMAEConfig, None, ["stage=tabular-retromae", f"model.init_from={tiny_artifact}"])
+
+
+def test_conversational_adaptation_runs_as_a_ray_job_from_s3_artifact_to_s3_artifact(s3, bucket, tmp_path, minilm_path):
+    """Real mtrag conversations as queries, teacher scores from MiniLM itself, submitted with `ray job submit`'s client."""
+    import sys
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from sentence_transformers import SentenceTransformer
+
+    from conftest import REPO
+    from granite_ray import storage
+    from granite_ray.data.conversations import format_conversation
+    from raycluster import LocalHead
+
+    root = DATA / "mtrag_ibmcloud"
+    docs = {r["_id"]: r["text"] for r in map(json.loads, (root / "corpus.jsonl").read_text().splitlines())}
+    queries = {r["_id"]: r["conversation"] for r in map(json.loads, (root / "queries.jsonl").read_text().splitlines())}
+    relevant = {}
+    for line in (root / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, _ = line.split("\t")
+        relevant.setdefault(q, d)
+    teacher = SentenceTransformer(minilm_path, device="cpu")
+    rng = random.Random(0)
+    rows = []
+    for q, d in sorted(relevant.items())[:48]:
+        negs = [n for n in rng.sample(sorted(docs), 4) if n != d][:2]
+        emb = teacher.encode([format_conversation(queries[q]), docs[d], *[docs[n] for n in negs]])
+        rows.append({"query": queries[q], "pos": [docs[d]], "neg": [docs[n] for n in negs],
+                     "pos_scores": [float(emb[0] @ emb[1])], "neg_scores": [float(emb[0] @ e) for e in emb[2:]]})
+    storage.write_bytes(f"s3://{bucket}/conversations/rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    storage.upload_dir(minilm_path, f"s3://{bucket}/minilm")
+    head = LocalHead(num_cpus=2).start()
+    try:
+        client = JobSubmissionClient(head.address)
+        job = client.submit_job(
+            entrypoint=(f"{sys.executable} jobs/adapt_conversations.py model.init_from=s3://{bucket}/minilm "
+                        f"data.datasets=[s3://{bucket}/conversations] data.negatives=2 data.query_max_len=128 "
+                        "data.passage_max_len=128 train.batch_size=8 train.max_steps=6 train.log_every=2 "
+                        "train.lr=5e-6 train.optimizer=adamw train.cpus_per_worker=1 "
+                        f"storage_path=s3://{bucket}/runs output_uri=s3://{bucket}/adapted run_name=conversations"),
+            runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "outputs", "runs", "benchmarks/results"],
+                         "env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        deadline = time.time() + 600
+        while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, "job did not finish in 10 minutes"
+            time.sleep(2)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    finally:
+        head.stop()
+    local = storage.download_dir(f"s3://{bucket}/adapted", tmp_path / "adapted")
+    assert [json.loads(line)["step"] for line in (local / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+    resolved = (local / "granite_ray.yaml").read_text()
+    assert "stage: adapt-conversations" in resolved
+    assert SentenceTransformer(str(local), device="cpu").encode(["|user|: how do I restrict IP access?"]).shape == (1, 384)

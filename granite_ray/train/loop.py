@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -94,7 +95,7 @@ SAMPLES_FILE = "samples.jsonl"
 
 def _new_window() -> dict:
     """Sums over the steps since the last log line (rows and ids: since the last step)."""
-    return {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "rows": 0, "step_tokens": 0, "ids": [],
+    return {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "rows": 0, "logged_rows": 0, "step_tokens": 0, "ids": [],
             "t0": time.perf_counter()}
 
 
@@ -163,6 +164,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray would round a fractional CPU share down to fewer torch threads
+        torch.set_num_threads(max(1, math.ceil(tc.cpus_per_worker)))
     torch.manual_seed(tc.seed)
 
     model = objective.build_model()
@@ -216,6 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window["step_tokens"] += inputs["_tokens"]
             window["slots"] += inputs["_slots"]
             window["rows"] += _rows(batch)
+            window["logged_rows"] += _rows(batch)
             if tc.record_samples:
                 window["ids"].extend("|".join(map(str, ids)) for ids in batch["doc_ids"])
             if not boundary:
@@ -236,11 +240,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     dist.all_gather_object(gathered, ids)
                 samples.extend({"step": step, "rank": r, "rows": rows} for r, rows in enumerate(gathered))
             if step % tc.log_every == 0 or step == tc.max_steps:
-                loss_sum, n, tokens, slots = _global_sum(
-                    [float(window["loss"]) * tc.grad_accum_steps, window["micro"], window["tokens"], window["slots"]], device)
+                loss_sum, n, tokens, slots, logged_rows = _global_sum(
+                    [float(window["loss"]) * tc.grad_accum_steps, window["micro"], window["tokens"], window["slots"],
+                     window["logged_rows"]], device)
                 elapsed = time.perf_counter() - window["t0"]
                 record = {"step": step, "loss": loss_sum / n, "lr": lr,
-                          "tokens_per_s": tokens / elapsed, "packing_efficiency": tokens / max(slots, 1),
+                          "tokens_per_s": tokens / elapsed, "rows_per_s": logged_rows / elapsed, "packing_efficiency": tokens / max(slots, 1),
                           "mfu": tokens / elapsed * flops_per_token / (peak * world), "tokens_seen": state["tokens"]}
                 if hasattr(objective, "pop_metrics"):  # the objective's own loss parts, averaged over workers
                     parts = objective.pop_metrics()
