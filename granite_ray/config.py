@@ -189,7 +189,12 @@ class EvalConfig(StageConfig, EncoderPoolFields):
     split: str = "test"
     engine: Literal["ray", "mteb"] = Field("ray", description="ray: our streamed encoding and search; mteb: mteb.evaluate")
     top_k: int = Field(100, gt=0)
+    reranker: str | None = Field(None, description="cross-encoder folder or s3:// URI: rerank each model's top rerank_top_k")
+    rerank_top_k: int = Field(20, gt=0)
+    rerank_max_length: int = Field(512, gt=8, description="tokens of a query-passage pair")
     output_uri: str = "outputs/eval"
+
+    _absolute_reranker = field_validator("reranker")(absolute_uri)
 
     @model_validator(mode="after")
     def _has_work(self) -> "EvalConfig":
@@ -431,6 +436,23 @@ class DistillConfig(RetrieverStageConfig):
     def _needs_negatives(self) -> "DistillConfig":
         if self.data.negatives < 1:
             raise ValueError("data.negatives: distillation ranks the positive among hard negatives; give at least 1")
+        return self
+
+
+class RerankerConfig(StageConfig):
+    """Cross-encoder reranker: "[CLS] query [SEP] passage" -> a score from a head on CLS, PListMLE over
+    each query's positive and mined negatives in teacher-score order (Granite R2, section 4)."""
+
+    stage: Literal["train-reranker"] = "train-reranker"
+    model: EncoderInitConfig
+    data: PairDataConfig
+    max_length: int = Field(512, gt=8, description="tokens of a query-passage pair")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _lists(self) -> "RerankerConfig":
+        if self.data.negatives < 1:
+            raise ValueError("data.negatives: a ranked list needs mined negatives (the paper uses 8)")
         return self
 
 

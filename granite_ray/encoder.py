@@ -28,12 +28,16 @@ from granite_ray.model import resolve_attn_implementation
 
 
 def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], pooling: str, layer_types: list[str] | None,
-                      device: torch.device) -> torch.Tensor:
+                      device: torch.device, token_type_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Pooled embeddings of framed sequences, all in one varlen row (no padding); differentiable.
 
-    Used for inference by `Encoder` and for training by the embedding stages."""
+    Used for inference by `Encoder`, for training by the embedding stages and by the reranker
+    (whose query-passage pairs carry token types on BERT)."""
     lens = torch.tensor([len(s) for s in batch])
     ids = torch.tensor([t for s in batch for t in s], device=device)[None]
+    extra = {}
+    if token_type_ids is not None:
+        extra["token_type_ids"] = torch.tensor([t for s in token_type_ids for t in s], device=device)[None]
     starts = torch.cumsum(lens, 0) - lens
     positions = (torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens))[None].to(device)
     cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(device)
@@ -41,7 +45,7 @@ def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], po
     # Models with per-layer-type masks (ModernBERT) would otherwise build L x L masks for the row.
     masks = {"attention_mask": dict.fromkeys(set(layer_types))} if layer_types else {}
     hidden = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                   max_length_q=longest, max_length_k=longest, **masks).last_hidden_state[0]
+                   max_length_q=longest, max_length_k=longest, **masks, **extra).last_hidden_state[0]
     if pooling == "cls":
         return hidden[starts.to(device)]
     if pooling == "lasttoken":

@@ -1,8 +1,9 @@
-"""Embedding training stages as Ray jobs: contrastive fine-tuning, distillation, conversational adaptation.
+"""Training stages on query/passage rows as Ray jobs: contrastive fine-tuning, distillation,
+conversational adaptation, and the cross-encoder reranker.
 
 Each reads FlagEmbedding-style rows through Ray Data, starts from `model.init_from` (an
 artifact URI or any HF/sentence-transformers encoder folder) and writes a new artifact that
-`SentenceTransformer(path)` and `AutoModel` load.
+`SentenceTransformer(path)` and `AutoModel` load (the reranker: `CrossEncoder(path)`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import ray
 from transformers import AutoTokenizer
 
 from granite_ray import storage
-from granite_ray.config import RetrieverStageConfig
-from granite_ray.data.pairs import read_pairs, sampling_weights
+from granite_ray.config import RerankerConfig, RetrieverStageConfig
+from granite_ray.data.pairs import TokenizeLists, TokenizePairs, read_pairs, sampling_weights
 from granite_ray.encoder import sentence_transformers_settings, special_frame
 from granite_ray.pretrain import tokenizer_files
 from granite_ray.runtime import init_ray, log
 from granite_ray.train.loop import run_training
 
 
-def run_embedding_stage(config: RetrieverStageConfig) -> str:
+def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
     init_ray(config)
     with storage.local_copy(config.model.init_from) as folder:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -31,7 +32,12 @@ def run_embedding_stage(config: RetrieverStageConfig) -> str:
         data.query_prompt = prompts["query"]
     if data.passage_prompt is None and (prompts.get("document") or prompts.get("passage")):
         data.passage_prompt = prompts.get("document") or prompts.get("passage")
-    datasets, sizes, counter = read_pairs(data, tokenizer, special_frame(tokenizer), with_scores=config.stage != "contrastive")
+    if config.stage == "train-reranker":
+        tokenize, args = TokenizeLists, (tokenizer.backend_tokenizer.to_str(), data.model_dump(), config.max_length)
+    else:
+        tokenize, args = TokenizePairs, (tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), data.model_dump(),
+                                         config.stage != "contrastive")
+    datasets, sizes, counter = read_pairs(data, tokenize, args)
     weights = sampling_weights(sizes, data.sampling_power)
     log(f"{config.stage}: datasets {sizes} sampled with probabilities "
         f"{ {k: round(v, 3) for k, v in weights.items()} }")

@@ -56,6 +56,30 @@ def bucket(s3, request):
     return name
 
 
+def cranfield_rows(path, negatives: int, limit: int, with_scores: bool = False, seed: int = 0) -> None:
+    """FlagEmbedding rows {query, pos, neg[, pos_scores, neg_scores]} from cranfield's real queries and
+    judgements; negatives are random unjudged documents, scored below the positive in reverse order."""
+    import random
+
+    root = SHARED_DATA / "cranfield"
+    docs = {r["_id"]: (r.get("title", "") + " " + r["text"]).strip()
+            for r in map(json.loads, (root / "corpus.jsonl").read_text().splitlines())}
+    queries = {r["_id"]: r["text"] for r in map(json.loads, (root / "queries.jsonl").read_text().splitlines())}
+    relevant: dict[str, list[str]] = {}
+    for line in (root / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, score = line.split("\t")
+        if int(score) > 0:
+            relevant.setdefault(q, []).append(d)
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for q in sorted(relevant)[:limit]:
+            negs = [d for d in rng.sample(sorted(docs), negatives + 5) if d not in relevant[q]][:negatives]
+            row = {"query": queries[q], "pos": [docs[relevant[q][0]]], "neg": [docs[d] for d in negs]}
+            if with_scores:
+                row |= {"pos_scores": [0.9], "neg_scores": [0.1 * i for i in range(len(negs))]}
+            f.write(json.dumps(row) + "\n")
+
+
 def cranfield_texts(limit: int | None = None) -> list[str]:
     rows = [json.loads(line) for line in (SAMPLE / "cranfield.jsonl").read_text().splitlines()]
     texts = [f"{r['title']}\n{r['text']}".strip() for r in rows]

@@ -75,3 +75,24 @@ def test_in_batch_copies_of_a_positive_are_not_negatives():
     assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
     plain = improved_contrastive_loss(q, p, n, temperature=0.05)
     assert plain.item() > ours.item() + 1e-3  # unmasked, a copy scores exactly as high as the positive
+
+
+def test_plistmle_equals_sentence_transformers_plistmle_with_lambda_weight(minilm_path):
+    """Same scores through ST's PListMLELoss (its model stubbed by a module returning our logits)."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+    from sentence_transformers.cross_encoder.losses import PListMLELambdaWeight, PListMLELoss
+
+    from granite_ray.losses.plistmle import plistmle_loss
+
+    scores = torch.randn(4, 9, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    model = CrossEncoder(minilm_path, num_labels=1, device="cpu")
+    flat = iter([scores.reshape(-1)])
+    model.forward = lambda features, **_: {"scores": next(flat)}  # the scores under test, in pair order
+    reference = PListMLELoss(model, lambda_weight=PListMLELambdaWeight(), mini_batch_size=-1)
+    queries = [f"q{i}" for i in range(4)]
+    docs = [[f"d{i}-{j}" for j in range(9)] for i in range(4)]
+    labels = [torch.arange(9, 0, -1, dtype=torch.float32) for _ in range(4)]  # listed best first
+    expected = reference([queries, docs], labels)
+    ours = plistmle_loss(scores)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, scores)[0], torch.autograd.grad(expected, scores)[0], atol=1e-7, rtol=1e-5)

@@ -11,38 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, SHARED_DATA as DATA
+from conftest import SAMPLE, SHARED_DATA as DATA, cranfield_rows
 from granite_ray.config import ContrastiveConfig, DistillConfig, RetroMAEConfig, load_config
-
-
-def _beir_pairs(path, negatives: int = 2, limit: int = 64, with_scores: bool = False) -> None:
-    """Rows {query, pos, neg} from cranfield's real queries and judgements; negatives drawn at random."""
-    root = DATA / "cranfield"
-    docs = {}
-    for line in (root / "corpus.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        docs[row["_id"]] = (row.get("title", "") + " " + row["text"]).strip()
-    queries = {r["_id"]: r["text"] for r in map(json.loads, (root / "queries.jsonl").read_text().splitlines())}
-    relevant: dict[str, list[str]] = {}
-    for line in (root / "qrels" / "test.tsv").read_text().splitlines()[1:]:
-        q, d, score = line.split("\t")
-        if int(score) > 0:
-            relevant.setdefault(q, []).append(d)
-    rng = random.Random(0)
-    ids = sorted(docs)
-    with open(path, "w") as f:
-        for q in sorted(relevant)[:limit]:
-            negs = [d for d in rng.sample(ids, negatives + 5) if d not in relevant[q]][:negatives]
-            row = {"query": queries[q], "pos": [docs[relevant[q][0]]], "neg": [docs[d] for d in negs]}
-            if with_scores:
-                row |= {"pos_scores": [rng.uniform(0.6, 0.9)], "neg_scores": [rng.uniform(0.1, 0.6) for _ in negs]}
-            f.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "cranfield_pairs.jsonl"
-    _beir_pairs(path, with_scores=True)
+    cranfield_rows(path, negatives=2, limit=64, with_scores=True)
     return path
 
 

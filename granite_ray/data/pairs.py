@@ -73,6 +73,21 @@ def parse_pair(record: dict, negatives: int, with_scores: bool) -> dict:
     return out
 
 
+def parsed_rows(batch: dict[str, np.ndarray], parse, counter) -> list[dict]:
+    """Raw lines parsed by `parse`; unreadable rows dropped and counted by reason (file:line kept)."""
+    rows, dropped = [], []
+    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
+        try:
+            rows.append(parse(json.loads(line)))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            dropped.append(("bad_json", f"{source}:{number}"))
+        except RowError as err:
+            dropped.append((str(err), f"{source}:{number}"))
+    if dropped:
+        ray.get(counter.add.remote(dropped))
+    return rows
+
+
 class TokenizePairs:
     """Ray Data actor: raw lines -> framed token ids of query, positive and negatives."""
 
@@ -92,16 +107,7 @@ class TokenizePairs:
         return [np.array(self.prefix + e.ids[:room] + self.suffix, dtype=np.int32) for e in encodings]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows, dropped = [], []
-        for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
-            try:
-                rows.append(parse_pair(json.loads(line), self.config.negatives, self.with_scores))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                dropped.append(("bad_json", f"{source}:{number}"))
-            except RowError as err:
-                dropped.append((str(err), f"{source}:{number}"))
-        if dropped:
-            ray.get(self.counter.add.remote(dropped))
+        rows = parsed_rows(batch, lambda r: parse_pair(r, self.config.negatives, self.with_scores), self.counter)
         cfg = self.config
         out = {
             "query": object_column(self._encode([r["query"] for r in rows], cfg.query_prompt or "", cfg.query_max_len)),
@@ -116,8 +122,43 @@ class TokenizePairs:
         return out
 
 
-def read_pairs(config: PairDataConfig, tokenizer, frame, with_scores: bool) -> tuple[dict[str, ray.data.Dataset], dict[str, int], object]:
-    """One tokenized Dataset per named dataset, their row counts, and the drop counter."""
+def teacher_ordered(record: dict) -> dict:
+    """The row with its negatives sorted by the teacher's scores, best first (when it has them)."""
+    negs, scores = record.get("neg"), record.get("neg_scores")
+    if isinstance(negs, list) and isinstance(scores, list) and len(negs) == len(scores) and \
+            all(isinstance(v, (int, float)) for v in scores):
+        order = sorted(range(len(negs)), key=lambda i: -scores[i])
+        record = {**record, "neg": [negs[i] for i in order]}
+    return record
+
+
+class TokenizeLists:
+    """Ray Data actor: raw lines -> "[CLS] query [SEP] passage [SEP]" pairs (ids and token types) for
+    the positive and `negatives` negatives in teacher-score order: the reranker's ranked lists."""
+
+    def __init__(self, tokenizer_json: str, config: dict, max_length: int, counter) -> None:
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length, strategy="only_second")
+        self.config = PairDataConfig(**config)
+        self.counter = counter
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = parsed_rows(batch, lambda r: parse_pair(teacher_ordered(r), self.config.negatives, False), self.counter)
+        cfg = self.config
+        listed = [(cfg.query_prompt or "") + r["query"] for r in rows for _ in range(1 + cfg.negatives)]
+        passages = [(cfg.passage_prompt or "") + p for r in rows for p in [r["pos"], *r["negs"]]]
+        encodings = self.tokenizer.encode_batch_fast(list(zip(listed, passages)))
+        n = 1 + cfg.negatives
+        ids = [np.array(e.ids, dtype=np.int32) for e in encodings]
+        types = [np.array(e.type_ids, dtype=np.int8) for e in encodings]
+        return {"pairs": object_column([ids[i * n:(i + 1) * n] for i in range(len(rows))]),
+                "types": object_column([types[i * n:(i + 1) * n] for i in range(len(rows))])}
+
+
+def read_pairs(config: PairDataConfig, tokenize: type, tokenize_args: tuple) -> tuple[dict[str, ray.data.Dataset], dict[str, int], object]:
+    """One tokenized Dataset per named dataset (`tokenize` actor built with `tokenize_args` + the drop
+    counter), their row counts, and the drop counter."""
     counter = DropCounter.remote()
     datasets, sizes = {}, {}
     for entry in config.datasets:
@@ -127,9 +168,9 @@ def read_pairs(config: PairDataConfig, tokenizer, frame, with_scores: bool) -> t
         lines = read_record_lines(resolve_files([uri], field="data.datasets"), config.read_tasks)
         if config.max_rows:
             lines = lines.limit(config.max_rows)
-        datasets[name] = lines.map_batches(
-            TokenizePairs, batch_size=256, compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors), num_cpus=0.25,
-            fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), frame, config.model_dump(), with_scores, counter))
+        datasets[name] = lines.map_batches(tokenize, batch_size=256, num_cpus=0.25,
+                                           compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors),
+                                           fn_constructor_args=(*tokenize_args, counter))
         sizes[name] = lines.count()
     return datasets, sizes, counter
 

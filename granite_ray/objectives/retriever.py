@@ -27,7 +27,7 @@ from granite_ray.encoder import packed_embeddings, sentence_transformers_setting
 from granite_ray.losses.contrastive import improved_contrastive_loss
 from granite_ray.losses.distill import distillation_loss
 from granite_ray.model import CONFIG_FILE, resolve_attn_implementation, sentence_transformers_files, set_global_rope_theta
-from granite_ray.train.metrics import encoder_flops_per_token
+from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
 
 
 def load_encoder(config: RetrieverStageConfig) -> tuple[torch.nn.Module, dict]:
@@ -91,7 +91,7 @@ class EmbeddingObjective:
     def flops_per_token(self, model: torch.nn.Module) -> float:
         cfg = model.config
         if not hasattr(cfg, "layer_types") or not hasattr(cfg, "local_attention"):
-            return 6 * sum(p.numel() for p in model.parameters())  # 2 x params per token, forward and backward
+            return dense_flops_per_token(model)
         return encoder_flops_per_token(cfg, self.config.data.passage_max_len, predicted_fraction=0.0)
 
     def reseed(self, rank: int, step: int) -> None:

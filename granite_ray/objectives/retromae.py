@@ -21,7 +21,7 @@ from granite_ray.attention import packed_model_inputs
 from granite_ray.config import RetroMAEConfig
 from granite_ray.data.masking import IGNORE_INDEX, mask_tokens
 from granite_ray.model import build_mlm_model, save_artifact
-from granite_ray.train.metrics import encoder_flops_per_token
+from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
 
 
 def mlm_logits(mlm_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class RetroMAEObjective:
     def flops_per_token(self, model: nn.Module) -> float:
         cfg = model.encoder.config
         if not hasattr(cfg, "layer_types"):
-            return 6 * sum(p.numel() for p in model.parameters())
+            return dense_flops_per_token(model)
         return encoder_flops_per_token(cfg, self.config.data.max_seq_len, self.config.data.mlm_probability)
 
     def reseed(self, rank: int, step: int) -> None:

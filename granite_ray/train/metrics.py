@@ -30,6 +30,13 @@ def encoder_flops_per_token(config, seq_len: int, predicted_fraction: float = 1.
     return 3 * forward
 
 
+def dense_flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token of any transformer, 6 x its weights outside embedding tables
+    (Kaplan et al. 2020): lookups cost no FLOPs, every other weight two per token per pass."""
+    lookups = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return 6 * (sum(p.numel() for p in model.parameters()) - lookups)
+
+
 def measured_matmul_peak(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large fp32 matmul on this worker's threads: the CPU's practical peak."""
     a = torch.randn(size, size, device=device)

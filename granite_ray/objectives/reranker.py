@@ -1,0 +1,96 @@
+"""Cross-encoder reranker objective: PListMLE over ranked lists (Granite R2 reranker).
+
+Inputs per row: the token ids (and token types, for BERT) of "[CLS] query [SEP] passage [SEP]"
+for the positive and each mined negative, listed best first (granite_ray.data.pairs.TokenizeLists).
+All pairs of a batch go through one padding-free varlen forward; the sequence-classification
+head scores each pair's CLS vector exactly as the model's own forward would, so the artifact
+gives the same scores in sentence-transformers' `CrossEncoder`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
+from granite_ray import storage
+from granite_ray.config import RerankerConfig, dump_config
+from granite_ray.encoder import packed_embeddings
+from granite_ray.losses.plistmle import plistmle_loss
+from granite_ray.model import CONFIG_FILE, resolve_attn_implementation
+from granite_ray.train.metrics import dense_flops_per_token
+
+
+def classification_head(model: nn.Module, cls: torch.Tensor) -> torch.Tensor:
+    """The model's own sequence-classification head on CLS vectors (BERT: pooler first)."""
+    if hasattr(model, "bert"):
+        return model.classifier(model.dropout(model.bert.pooler.activation(model.bert.pooler.dense(cls))))
+    if hasattr(model, "head") and hasattr(model, "drop"):  # ModernBERT
+        return model.classifier(model.drop(model.head(cls)))
+    raise ValueError(f"reranker: {type(model).__name__} is not supported (BERT or ModernBERT sequence classification)")
+
+
+class CrossEncoderModel(nn.Module):
+    """Packed forward + head in one module, so DDP/FSDP see every parameter used in forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.layer_types = getattr(model.config, "layer_types", None)
+
+    def forward(self, sequences: list[list[int]], token_types: list[list[int]] | None, device: torch.device) -> torch.Tensor:
+        cls = packed_embeddings(self.model.base_model, sequences, "cls", self.layer_types, device, token_types)
+        return classification_head(self.model, cls).squeeze(-1)
+
+
+def load_cross_encoder(config: RerankerConfig) -> nn.Module:
+    attn = resolve_attn_implementation(config.model.attn_implementation)
+    with storage.local_copy(config.model.init_from) as folder:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, attn_implementation=attn,
+                                                                   dtype=torch.float32)
+    if config.model.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = config.model.dropout
+    return model
+
+
+class RerankerObjective:
+    def __init__(self, config: RerankerConfig, tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def build_model(self) -> nn.Module:
+        return CrossEncoderModel(load_cross_encoder(self.config))
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        return dense_flops_per_token(model)
+
+    def reseed(self, rank: int, step: int) -> None:
+        torch.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, step]).generate_state(1)[0]))
+
+    def batch_inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict:
+        sequences = [list(pair) for pairs in batch["pairs"] for pair in pairs]
+        types = [list(t) for row in batch["types"] for t in row] if "types" in batch else None
+        tokens = sum(len(s) for s in sequences)
+        return {"sequences": sequences, "types": types, "rows": len(batch["pairs"]), "device": device,
+                "_tokens": tokens, "_slots": tokens}
+
+    def loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        scores = model(inputs["sequences"], inputs["types"], inputs["device"])
+        return plistmle_loss(scores.view(inputs["rows"], -1))
+
+    def save_artifact(self, model: nn.Module, uri: str, extra_files: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory(prefix="granite-ray-artifact-") as tmp:
+            out = Path(tmp)
+            model.model.save_pretrained(out, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
+            (out / CONFIG_FILE).write_text(dump_config(self.config))
+            for name, data in extra_files.items():
+                (out / name).write_bytes(data)
+            storage.upload_dir(out, uri)

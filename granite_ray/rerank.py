@@ -1,0 +1,53 @@
+"""Cross-encoder scoring for evaluation (and serving): query-passage pairs, padding-free.
+
+Loads our reranker artifacts and any Hugging Face BERT/ModernBERT sequence-classification folder
+(local or s3://); pairs are tokenized "[CLS] query [SEP] passage [SEP]" truncated to `max_length`,
+sorted by length and scored a token budget at a time in one varlen forward each.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from granite_ray import storage
+from granite_ray.model import resolve_attn_implementation
+from granite_ray.objectives.reranker import CrossEncoderModel
+
+
+class Reranker:
+    def __init__(self, path: str, max_length: int = 512, token_budget: int = 16384, device: str | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        with storage.local_copy(path) as folder:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), attn_implementation=resolve_attn_implementation("auto"), dtype=torch.float32)
+        if model.config.num_labels != 1:
+            raise ValueError(f"{path}: a reranker has one output label, this model has {model.config.num_labels}")
+        self.model = CrossEncoderModel(model.to(self.device).eval())
+        self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+        self.token_budget = token_budget
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """One relevance logit per (query, passage) pair, in input order."""
+        encoded = self.tokenizer([q for q, _ in pairs], [p for _, p in pairs], truncation="only_second",
+                                 max_length=self.max_length)
+        ids = encoded["input_ids"]
+        types = encoded.get("token_type_ids")
+        out = np.zeros(len(pairs), dtype=np.float32)
+        order = np.argsort([-len(s) for s in ids], kind="stable")
+        start = 0
+        while start < len(order):
+            end, used = start, 0
+            while end < len(order) and (end == start or used + len(ids[order[end]]) <= self.token_budget):
+                used += len(ids[order[end]])
+                end += 1
+            chunk = order[start:end]
+            out[chunk] = self.model([ids[i] for i in chunk], [types[i] for i in chunk] if types else None,
+                                    self.device).float().cpu().numpy()
+            start = end
+        return out

@@ -1,0 +1,91 @@
+"""The cross-encoder reranker stage: ranked lists in teacher order, PListMLE on the one loop, and an
+artifact that sentence-transformers' CrossEncoder loads with the scores of our packed forward."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, cranfield_rows
+from granite_ray.config import RerankerConfig, load_config
+
+
+def test_lists_follow_teacher_order_with_pair_token_types(minilm_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from granite_ray.data.pairs import TokenizeLists
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = RerankerConfig.model_validate({"model": {"init_from": minilm_path}, "data": {"datasets": ["x"], "negatives": 3}})
+    record = {"query": "what is lift", "pos": ["lift is a force"], "neg": ["a", "b", "c"], "neg_scores": [0.1, 0.7, 0.4]}
+    out = TokenizeLists(tokenizer.backend_tokenizer.to_str(), config.data.model_dump(), 32, None)(
+        {"line": np.array([json.dumps(record).encode()], dtype=object), "source": np.array(["r"], dtype=object),
+         "lineno": np.array([1])})
+    pairs, types = out["pairs"][0], out["types"][0]
+    assert [tokenizer.decode(p, skip_special_tokens=True).split()[-1] for p in pairs] == ["force", "b", "c", "a"]
+    expected = tokenizer("what is lift", "lift is a force")
+    assert list(pairs[0]) == expected["input_ids"] and list(types[0]) == expected["token_type_ids"]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory, minilm_path):
+    from granite_ray.retriever import run_embedding_stage
+
+    tmp_path = tmp_path_factory.mktemp("reranker")
+    rows = tmp_path / "lists.jsonl"
+    cranfield_rows(rows, negatives=4, limit=48, with_scores=True, seed=1)
+    out = tmp_path / "reranker"
+    config = load_config(RerankerConfig, None, [
+        f"model.init_from={minilm_path}", f"data.datasets=[{rows}]", "data.negatives=4", "max_length=128",
+        "train.batch_size=8", "train.max_steps=12", "train.log_every=4", "train.lr=2e-4", "train.weight_decay=0.05",
+        "train.warmup_fraction=0.15", "train.clip_grad_norm=1.0", "train.optimizer=adamw",
+        f"storage_path={tmp_path / 'runs'}", f"output_uri={out}", "run_name=reranker"])
+    run_embedding_stage(config)
+    return out
+
+
+def test_reranker_trains_and_cross_encoder_loads_it_with_our_scores(trained):
+    from sentence_transformers.cross_encoder import CrossEncoder
+    from transformers import AutoTokenizer
+
+    from granite_ray.objectives.reranker import CrossEncoderModel
+
+    out = trained
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+    cross = CrossEncoder(str(out), device="cpu", activation_fn=torch.nn.Identity())
+    pairs = [("what is lift", "Lift is the force that holds an aircraft in the air."),
+             ("boundary layer transition", "Experiments on transition in the boundary layer of a flat plate at Mach 3."),
+             ("what is lift", "Recipes for bread.")]
+    theirs = cross.predict(pairs, convert_to_tensor=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    encoded = [tokenizer(q, d) for q, d in pairs]
+    model = CrossEncoderModel(cross.model.eval())
+    with torch.no_grad():
+        ours = model([e["input_ids"] for e in encoded], [e["token_type_ids"] for e in encoded], torch.device("cpu"))
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
+    assert ours[0] > ours[2]  # a relevant passage above an unrelated one
+
+
+def test_eval_reranks_the_embedder_top_k(trained, tmp_path, minilm_path):
+    from granite_ray.config import EvalConfig
+    from granite_ray.evaluate.run import run_eval
+
+    def ndcg(top_k: int) -> dict:
+        out = tmp_path / f"eval-{top_k}"
+        run_eval(load_config(EvalConfig, None, [
+            f"models=[{minilm_path}]", f"datasets=[{SHARED_DATA / 'cranfield'}]", f"reranker={trained}",
+            f"rerank_top_k={top_k}", "encode_actors=2", "cpus_per_actor=0.75", f"output_uri={out}"]))
+        (per_model,) = json.loads((out / "results.json").read_text())["results"].values()
+        return per_model["cranfield"]
+
+    one = ndcg(1)
+    assert one["ndcg_at_10"] == pytest.approx(0.3817, abs=1e-3)  # all-MiniLM-L6-v2 alone, as issue 4 measured
+    assert one["reranked"]["ndcg_at_10"] == pytest.approx(one["ndcg_at_10"], abs=1e-9)  # reranking 1 keeps the order
+    twenty = ndcg(20)
+    assert twenty["reranked"]["ndcg_at_10"] != pytest.approx(twenty["ndcg_at_10"], abs=1e-4)
+    assert twenty["reranked"]["recall_at_100"] == pytest.approx(twenty["recall_at_100"])  # the same 100 documents
