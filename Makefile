@@ -15,3 +15,4 @@ bench: setup
 	.venv/bin/python benchmarks/encode_speed.py
 	.venv/bin/python benchmarks/teacher.py
 	.venv/bin/python benchmarks/mining.py
+	.venv/bin/python benchmarks/contrastive.py

@@ -34,10 +34,10 @@ def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], po
     Used for inference by `Encoder`, for training by the embedding stages and by the reranker
     (whose query-passage pairs carry token types on BERT)."""
     lens = torch.tensor([len(s) for s in batch])
-    ids = torch.tensor([t for s in batch for t in s], device=device)[None]
+    ids = torch.tensor([int(t) for s in batch for t in s], dtype=torch.long, device=device)[None]
     extra = {}
     if token_type_ids is not None:
-        extra["token_type_ids"] = torch.tensor([t for s in token_type_ids for t in s], device=device)[None]
+        extra["token_type_ids"] = torch.tensor([int(t) for s in token_type_ids for t in s], dtype=torch.long, device=device)[None]
     starts = torch.cumsum(lens, 0) - lens
     positions = (torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens))[None].to(device)
     cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(device)
