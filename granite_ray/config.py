@@ -461,7 +461,7 @@ class TableSourcesConfig(Section):
 
     summaries: list[str] = Field(default_factory=list, description="summarize-tables outputs (parquet): decoder reconstructs the summary")
     tables: TablesConfig | None = Field(None, description="tables alone: decoder reconstructs the table")
-    weights: dict[str, float] | None = Field(None, description="{summaries, tables, text}; None: size**0.5")
+    weights: dict[str, float] | None = Field(None, description="{summaries, tables, text}; None: 0.5/0.3/0.2")
 
     _absolute = field_validator("summaries")(lambda uris: [absolute_uri(u) for u in uris])
 

@@ -17,7 +17,6 @@ from tokenizers import Tokenizer
 from granite_ray import storage
 from granite_ray.config import RetroMAEConfig
 from granite_ray.data.corpus import DropCounter, read_corpus, read_record_lines, resolve_files
-from granite_ray.data.pairs import sampling_weights
 from granite_ray.datajobs import read_tables
 from granite_ray.encoder import special_frame
 from granite_ray.llm import object_column
@@ -76,6 +75,11 @@ def _examples(ds: ray.data.Dataset, tokenizer, config: RetroMAEConfig, windows: 
                                                config.data.max_seq_len, windows))
 
 
+# The tabular mix when tables.weights is not given (renormalized over the sources present). A fixed
+# mix rather than one by source size: sizing a text corpus would mean reading all of it first.
+DEFAULT_MIX = {"summaries": 0.5, "tables": 0.3, "text": 0.2}
+
+
 def retromae_sources(config: RetroMAEConfig, tokenizer, counter) -> dict[str, ray.data.Dataset]:
     sources = {}
     if config.data.paths:
@@ -98,19 +102,13 @@ def run_retromae(config: RetroMAEConfig) -> str:
     tokenizer = load_tokenizer(config.model.init_from)
     counter = DropCounter.remote()
     sources = retromae_sources(config, tokenizer, counter)
-    if len(sources) > 1:
-        given = config.tables.weights
-        if given:
-            unknown = set(given) - set(sources)
-            if unknown:
-                raise ValueError(f"tables.weights: no source named {sorted(unknown)} (sources: {sorted(sources)})")
-            total = sum(given.values())
-            weights = {k: v / total for k, v in given.items() if v > 0}
-        else:
-            weights = sampling_weights({name: ds.count() for name, ds in sources.items()}, 0.5)
-        log(f"{config.stage}: sources mixed with probabilities { {k: round(v, 3) for k, v in weights.items()} }")
-    else:
-        weights = {name: 1.0 for name in sources}
+    given = (config.tables.weights if config.tables else None) or DEFAULT_MIX
+    unknown = set(config.tables.weights or {}) - set(sources) if config.tables else set()
+    if unknown:
+        raise ValueError(f"tables.weights: no source named {sorted(unknown)} (sources: {sorted(sources)})")
+    present = {name: given.get(name, 0.0) for name in sources} if len(sources) > 1 else {name: 1.0 for name in sources}
+    weights = {name: w / sum(present.values()) for name, w in present.items() if w > 0}
+    log(f"{config.stage}: sources mixed with probabilities { {k: round(v, 3) for k, v in weights.items()} }")
     result = run_training(config, {name: sources[name] for name in weights}, tokenizer_files(tokenizer), weights)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")

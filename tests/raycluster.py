@@ -80,3 +80,22 @@ class LocalHead:
                 self.proc.wait()
         if hasattr(self, "log"):
             self.log.close()
+
+
+def submit_and_wait(head: LocalHead, entrypoint: str, timeout: float = 600.0) -> tuple[str, str]:
+    """`ray job submit` of the repository with `entrypoint`; the final status and the job's logs."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    repo = Path(__file__).resolve().parents[1]
+    client = JobSubmissionClient(head.address)
+    job = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(repo), "excludes": [".venv", ".git", "outputs", "runs", "benchmarks/results"],
+                     "env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.time() > deadline:
+            client.stop_job(job)
+            raise TimeoutError(f"job did not finish in {timeout:.0f} s")
+        time.sleep(2)
+    return str(status), client.get_job_logs(job)

@@ -2,7 +2,6 @@
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ import yaml
 from conftest import REPO, SAMPLE
 from granite_ray import storage
 from granite_ray.config import PretrainMLMConfig, load_config
-from raycluster import LocalHead
+from raycluster import LocalHead, submit_and_wait
 
 TEXTS = ["the boundary layer on a flat plate", "heat transfer to a blunt body in hypersonic flow",
          "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)"]
@@ -34,25 +33,14 @@ def assert_standard_loaders_agree(path: Path) -> None:
 
 
 def test_mlm_job_submitted_to_a_ray_cluster_succeeds_and_learns(tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     out = tmp_path / "artifact"
     head = LocalHead(num_cpus=2).start()
     try:
-        client = JobSubmissionClient(head.address)
-        job = client.submit_job(
-            entrypoint=(f"{sys.executable} jobs/pretrain_mlm.py --config configs/pretrain_mlm_tiny.yaml "
-                        f"data.paths=[{SAMPLE}] train.max_steps=60 train.log_every=10 data.max_seq_len=128 "
-                        f"storage_path={tmp_path / 'runs'} output_uri={out} run_name=job-test"),
-            runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "outputs", "runs", "benchmarks/results"],
-                         "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-        )
-        deadline = time.time() + 600
-        while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.time() < deadline, "job did not finish in 10 minutes"
-            time.sleep(2)
-        logs = client.get_job_logs(job)
-        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        status, logs = submit_and_wait(head, (
+            f"{sys.executable} jobs/pretrain_mlm.py --config configs/pretrain_mlm_tiny.yaml "
+            f"data.paths=[{SAMPLE}] train.max_steps=60 train.log_every=10 data.max_seq_len=128 "
+            f"storage_path={tmp_path / 'runs'} output_uri={out} run_name=job-test"))
+        assert status == "SUCCEEDED", logs[-4000:]
     finally:
         head.stop()
     assert "step 60/60" in logs

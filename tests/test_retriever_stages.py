@@ -248,15 +248,12 @@ def test_bad_stage_configs_name_the_field(tiny_artifact):
 def test_conversational_adaptation_runs_as_a_ray_job_from_s3_artifact_to_s3_artifact(s3, bucket, tmp_path, minilm_path):
     """Real mtrag conversations as queries, teacher scores from MiniLM itself, submitted with `ray job submit`'s client."""
     import sys
-    import time
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
     from sentence_transformers import SentenceTransformer
 
-    from conftest import REPO
     from granite_ray import storage
     from granite_ray.data.conversations import format_conversation
-    from raycluster import LocalHead
+    from raycluster import LocalHead, submit_and_wait
 
     root = DATA / "mtrag_ibmcloud"
     docs = {r["_id"]: r["text"] for r in map(json.loads, (root / "corpus.jsonl").read_text().splitlines())}
@@ -277,21 +274,13 @@ def test_conversational_adaptation_runs_as_a_ray_job_from_s3_artifact_to_s3_arti
     storage.upload_dir(minilm_path, f"s3://{bucket}/minilm")
     head = LocalHead(num_cpus=2).start()
     try:
-        client = JobSubmissionClient(head.address)
-        job = client.submit_job(
-            entrypoint=(f"{sys.executable} jobs/adapt_conversations.py model.init_from=s3://{bucket}/minilm "
-                        f"data.datasets=[s3://{bucket}/conversations] data.negatives=2 data.query_max_len=128 "
-                        "data.passage_max_len=128 train.batch_size=8 train.max_steps=6 train.log_every=2 "
-                        "train.lr=5e-6 train.optimizer=adamw train.cpus_per_worker=1 "
-                        f"storage_path=s3://{bucket}/runs output_uri=s3://{bucket}/adapted run_name=conversations"),
-            runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "outputs", "runs", "benchmarks/results"],
-                         "env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        deadline = time.time() + 600
-        while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.time() < deadline, "job did not finish in 10 minutes"
-            time.sleep(2)
-        logs = client.get_job_logs(job)
-        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        status, logs = submit_and_wait(head, (
+            f"{sys.executable} jobs/adapt_conversations.py model.init_from=s3://{bucket}/minilm "
+            f"data.datasets=[s3://{bucket}/conversations] data.negatives=2 data.query_max_len=128 "
+            "data.passage_max_len=128 train.batch_size=8 train.max_steps=6 train.log_every=2 "
+            "train.lr=5e-6 train.optimizer=adamw train.cpus_per_worker=1 "
+            f"storage_path=s3://{bucket}/runs output_uri=s3://{bucket}/adapted run_name=conversations"))
+        assert status == "SUCCEEDED", logs[-4000:]
     finally:
         head.stop()
     local = storage.download_dir(f"s3://{bucket}/adapted", tmp_path / "adapted")
