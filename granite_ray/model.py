@@ -72,6 +72,15 @@ def apply_stage_settings(model: PreTrainedModel, cfg: ModelConfig) -> None:
         base.rotary_emb.__init__(model.config, device=next(model.parameters()).device)
 
 
+def set_dropout(model: torch.nn.Module, probability: float | None) -> None:
+    """Every dropout layer's probability (None: leave the model's own), e.g. 0 for reproducible runs."""
+    if probability is None:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability
+
+
 def set_global_rope_theta(model: PreTrainedModel, theta: float) -> None:
     """The retriever stages' global RoPE theta (80k in the paper) on a loaded ModernBERT; other models have none."""
     if getattr(model.config, "model_type", "") != "modernbert":

@@ -22,7 +22,7 @@ from granite_ray import storage
 from granite_ray.config import RerankerConfig, dump_config
 from granite_ray.encoder import packed_embeddings
 from granite_ray.losses.plistmle import plistmle_loss
-from granite_ray.model import CONFIG_FILE, resolve_attn_implementation
+from granite_ray.model import CONFIG_FILE, resolve_attn_implementation, set_dropout
 from granite_ray.train.metrics import dense_flops_per_token
 
 
@@ -53,10 +53,7 @@ def load_cross_encoder(config: RerankerConfig) -> nn.Module:
     with storage.local_copy(config.model.init_from) as folder:
         model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, attn_implementation=attn,
                                                                    dtype=torch.float32)
-    if config.model.dropout is not None:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = config.model.dropout
+    set_dropout(model, config.model.dropout)
     return model
 
 

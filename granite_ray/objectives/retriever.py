@@ -11,7 +11,6 @@ whole global batch, which makes the gradients equal to one worker holding that b
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from granite_ray.config import ContrastiveConfig, DistillConfig, RetrieverStageC
 from granite_ray.encoder import packed_embeddings, sentence_transformers_settings
 from granite_ray.losses.contrastive import improved_contrastive_loss
 from granite_ray.losses.distill import distillation_loss
-from granite_ray.model import CONFIG_FILE, resolve_attn_implementation, sentence_transformers_files, set_global_rope_theta
+from granite_ray.model import CONFIG_FILE, resolve_attn_implementation, sentence_transformers_files, set_dropout, set_global_rope_theta
 from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
 
 
@@ -35,13 +34,11 @@ def load_encoder(config: RetrieverStageConfig) -> tuple[torch.nn.Module, dict]:
     attn = resolve_attn_implementation(config.model.attn_implementation)
     with storage.local_copy(config.model.init_from) as folder:
         settings = sentence_transformers_settings(Path(folder))
+        settings["module_files"] = sentence_transformers_module_files(Path(folder))
         model = AutoModel.from_pretrained(str(folder), attn_implementation=attn, dtype=torch.float32)
     if getattr(model, "pooler", None) is not None:  # BERT's pooler is not in the embedding path: frozen, kept as loaded
         model.pooler.requires_grad_(False)
-    if config.model.dropout is not None:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = config.model.dropout
+    set_dropout(model, config.model.dropout)
     if config.model.global_rope_theta:
         set_global_rope_theta(model, config.model.global_rope_theta)
     return model, settings
@@ -58,19 +55,16 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.distributed.nn.functional.all_gather(tensor.contiguous()))
 
 
-def _sentence_transformers_modules(source: Path, out: Path) -> None:
-    """The source's pooling/normalize modules, so the artifact embeds the way the source did."""
+def sentence_transformers_module_files(source: Path) -> dict[str, bytes]:
+    """The source's pooling/normalize module files (small), kept so the artifact embeds the way the
+    source did without fetching the source folder again at save time."""
     if not (source / "modules.json").exists():
-        for name, content in sentence_transformers_files(json.loads((out / "config.json").read_text())["hidden_size"], 512).items():
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            (out / name).write_text(json.dumps(content, indent=2))
-        return
-    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
-        if (source / name).exists():
-            shutil.copy(source / name, out / name)
+        return {}
+    names = [n for n in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json") if (source / n).exists()]
     for module in json.loads((source / "modules.json").read_text()):
         if module.get("path") and (source / module["path"]).is_dir():  # Normalize has no folder
-            shutil.copytree(source / module["path"], out / module["path"], dirs_exist_ok=True)
+            names += [str(f.relative_to(source)) for f in (source / module["path"]).rglob("*") if f.is_file()]
+    return {name: (source / name).read_bytes() for name in names}
 
 
 class EmbeddingObjective:
@@ -84,8 +78,10 @@ class EmbeddingObjective:
     def build_model(self) -> torch.nn.Module:
         model, settings = load_encoder(self.config)
         self.pooling = settings["pooling"]
+        self.module_files = settings["module_files"] or {  # a plain HF encoder: our CLS pooling
+            name: json.dumps(content, indent=2).encode()
+            for name, content in sentence_transformers_files(model.config.hidden_size, self.config.data.passage_max_len).items()}
         self.layer_types = getattr(model.config, "layer_types", None)
-        self.model_config = model.config
         return model
 
     def flops_per_token(self, model: torch.nn.Module) -> float:
@@ -124,14 +120,13 @@ class EmbeddingObjective:
         return self.loss_from_embeddings(self.embed(model, inputs["sequences"], inputs["device"]), inputs)
 
     def save_artifact(self, model: torch.nn.Module, uri: str, extra_files: dict[str, bytes]) -> None:
-        with tempfile.TemporaryDirectory(prefix="granite-ray-artifact-") as tmp, \
-                storage.local_copy(self.config.model.init_from) as source:
+        with tempfile.TemporaryDirectory(prefix="granite-ray-artifact-") as tmp:
             out = Path(tmp)
             model.save_pretrained(out, safe_serialization=True)
             self.tokenizer.save_pretrained(out)
-            _sentence_transformers_modules(Path(source), out)
             (out / CONFIG_FILE).write_text(dump_config(self.config))
-            for name, data in extra_files.items():
+            for name, data in {**self.module_files, **extra_files}.items():
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (out / name).write_bytes(data)
             storage.upload_dir(out, uri)
 

@@ -123,7 +123,7 @@ def _mixed_batches(shards: dict, weights: dict[str, float], batch_size: int, dro
     micro = start
     while True:
         name = names[np.random.default_rng([seed, micro]).choice(len(names), p=probabilities)]
-        for attempt in range(2):
+        for _ in range(2):  # a dataset that ran out gets one restart
             if name not in streams:
                 streams[name] = iter(shards[name].iter_batches(batch_size=batch_size, batch_format="numpy",
                                                                prefetch_batches=2, drop_last=drop_last))
