@@ -144,7 +144,8 @@ class EncoderConfig(Section):
 
     max_length: int | None = Field(None, gt=2, description="tokens per text, special tokens included")
     normalize: bool | None = None
-    pooling: Literal["cls", "mean", "lasttoken"] | None = None
+    pooling: Literal["cls", "mean", "lasttoken", "splade"] | None = Field(
+        None, description="splade: term weights from the masked-LM head (a *ForMaskedLM folder)")
     query_prompt: str | None = None
     document_prompt: str | None = None
     token_budget: int = Field(16384, gt=0, description="tokens per packed forward")
@@ -454,6 +455,20 @@ class RerankerConfig(StageConfig):
         if self.data.negatives < 1:
             raise ValueError("data.negatives: a ranked list needs mined negatives (the paper uses 8)")
         return self
+
+
+class SparseConfig(DistillConfig):
+    """SPLADE sparse encoder (Granite R1, section 6): max-pooled log(1 + relu(MLM logits)) term weights,
+    distilled from a dense teacher's scores, with FLOPS and NORM regularizers on queries and passages."""
+
+    stage: Literal["train-sparse"] = "train-sparse"  # type: ignore[assignment]
+    temperature: float = Field(1.0, gt=0, description="student scores are sparse dot products divided by this")
+    teacher_temperature: float | None = Field(0.05, gt=0, description="teacher scores (dense cosines) divided by this")
+    query_flops_weight: float = Field(5e-4, ge=0, description="lambda_q of the FLOPS regularizer")
+    passage_flops_weight: float = Field(3e-4, ge=0, description="lambda_p of the FLOPS regularizer")
+    query_norm_weight: float = Field(1e-4, ge=0, description="sigma_q of the NORM (L1) regularizer")
+    passage_norm_weight: float = Field(1e-4, ge=0, description="sigma_p of the NORM (L1) regularizer")
+    regularizer_warmup_steps: int = Field(100, ge=0, description="regularizer weights grow as (step / this)^2 up to 1")
 
 
 class TableSourcesConfig(Section):

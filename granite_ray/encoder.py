@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+import torch.utils.checkpoint
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
@@ -27,12 +28,9 @@ from granite_ray.config import EncoderConfig
 from granite_ray.model import resolve_attn_implementation
 
 
-def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], pooling: str, layer_types: list[str] | None,
-                      device: torch.device, token_type_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-    """Pooled embeddings of framed sequences, all in one varlen row (no padding); differentiable.
-
-    Used for inference by `Encoder`, for training by the embedding stages and by the reranker
-    (whose query-passage pairs carry token types on BERT)."""
+def packed_hidden_states(model: torch.nn.Module, batch: Sequence[Sequence[int]], layer_types: list[str] | None,
+                         device: torch.device, token_type_ids: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states [sum(lens), d] of framed sequences in one varlen row (no padding), and the lengths."""
     lens = torch.tensor([len(s) for s in batch])
     ids = torch.tensor([int(t) for s in batch for t in s], dtype=torch.long, device=device)[None]
     extra = {}
@@ -46,6 +44,17 @@ def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], po
     masks = {"attention_mask": dict.fromkeys(set(layer_types))} if layer_types else {}
     hidden = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                    max_length_q=longest, max_length_k=longest, **masks, **extra).last_hidden_state[0]
+    return hidden, lens
+
+
+def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], pooling: str, layer_types: list[str] | None,
+                      device: torch.device, token_type_ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Pooled embeddings of framed sequences, all in one varlen row (no padding); differentiable.
+
+    Used for inference by `Encoder`, for training by the embedding stages and by the reranker
+    (whose query-passage pairs carry token types on BERT)."""
+    hidden, lens = packed_hidden_states(model, batch, layer_types, device, token_type_ids)
+    starts = torch.cumsum(lens, 0) - lens
     if pooling == "cls":
         return hidden[starts.to(device)]
     if pooling == "lasttoken":
@@ -54,6 +63,34 @@ def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], po
     sums = torch.zeros(len(batch), hidden.shape[-1], dtype=torch.float32, device=device)
     sums = sums.index_add(0, segment, hidden.float())
     return sums / lens.to(device)[:, None]
+
+
+def mlm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The masked-LM head of a BERT or ModernBERT *ForMaskedLM on hidden states: vocabulary logits."""
+    if hasattr(model, "cls"):  # BERT
+        return model.cls(hidden)
+    if hasattr(model, "head") and hasattr(model, "decoder"):  # ModernBERT
+        return model.decoder(model.head(hidden))
+    raise ValueError(f"{type(model).__name__}: no masked-LM head (BERT or ModernBERT *ForMaskedLM)")
+
+
+def _splade_segment(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.log1p(torch.relu(mlm_logits(model, hidden).float())).amax(dim=0)
+
+
+def packed_splade(model: torch.nn.Module, batch: Sequence[Sequence[int]], layer_types: list[str] | None,
+                  device: torch.device) -> torch.Tensor:
+    """SPLADE term weights [n, vocab]: w_j = max_i log(1 + relu(MLM logit_ij)) over each sequence's tokens
+    (Formal et al. 2021, max pooling). The vocabulary logits exist one sequence at a time; in training
+    each sequence's head is recomputed in backward, so memory holds one sequence's logits, not the batch's."""
+    hidden, lens = packed_hidden_states(model.base_model, batch, layer_types, device)
+    weights = []
+    for segment in torch.split(hidden, lens.tolist()):
+        if torch.is_grad_enabled():
+            weights.append(torch.utils.checkpoint.checkpoint(_splade_segment, model, segment, use_reentrant=False))
+        else:
+            weights.append(_splade_segment(model, segment))
+    return torch.stack(weights)
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -76,7 +113,12 @@ def sentence_transformers_settings(folder: Path) -> dict:
     modules = _read_json(folder / "modules.json") or []
     for module in modules:
         kind = module.get("type", "")
-        if kind.endswith("Pooling"):
+        if kind.endswith("SpladePooling"):
+            splade = _read_json(folder / module["path"] / "config.json") or {}
+            if splade.get("pooling_strategy", "max") != "max" or splade.get("activation_function", "relu") != "relu":
+                raise ValueError(f"{folder}: SPLADE pooling {splade} is not supported (max of log(1 + relu))")
+            settings["pooling"] = "splade"
+        elif kind.endswith("Pooling"):
             pooling = _read_json(folder / module["path"] / "config.json") or {}
             for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
                               ("pooling_mode_lasttoken", "lasttoken")):
@@ -91,7 +133,9 @@ def sentence_transformers_settings(folder: Path) -> dict:
         settings["max_length"] = bert.get("max_seq_length")
     if st := _read_json(folder / "config_sentence_transformers.json"):
         settings["prompts"] = st.get("prompts") or {}
-        settings["similarity"] = st.get("similarity_fn_name") or "cosine"
+        settings["similarity"] = st.get("similarity_fn_name") or ("dot" if settings["pooling"] == "splade" else "cosine")
+    elif settings["pooling"] == "splade":
+        settings["similarity"] = "dot"
     return settings
 
 
@@ -107,13 +151,14 @@ class Encoder:
             if not config.packed and attn in ("sdpa_varlen", "flash_attention_2"):
                 attn = "sdpa"  # truly padded (flash-attn would unpad internally)
             bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
-            self.model = AutoModel.from_pretrained(str(folder), attn_implementation=attn,
-                                                   dtype=torch.bfloat16 if bf16 else torch.float32)
+            self.pooling = config.pooling or settings["pooling"]
+            self.sparse = self.pooling == "splade"  # SPLADE term weights over the vocabulary, from the MLM head
+            self.model = (AutoModelForMaskedLM if self.sparse else AutoModel).from_pretrained(
+                str(folder), attn_implementation=attn, dtype=torch.bfloat16 if bf16 else torch.float32)
         self.model.to(self.device).eval()
         limit = min(x for x in (settings["max_length"], self.tokenizer.model_max_length,
                                 getattr(self.model.config, "max_position_embeddings", None)) if x)
         self.max_length = min(config.max_length or limit, limit)
-        self.pooling = config.pooling or settings["pooling"]
         if settings["similarity"] not in ("cosine", "dot"):
             raise ValueError(f"{path}: similarity {settings['similarity']!r} is not supported (cosine or dot)")
         self.similarity = settings["similarity"]
@@ -124,7 +169,7 @@ class Encoder:
                                 else prompts.get("document", prompts.get("passage", "")))
         self.prefix, self.suffix = special_frame(self.tokenizer)
         self.layer_types = getattr(self.model.config, "layer_types", None)
-        self.dimension = self.model.config.hidden_size
+        self.dimension = self.model.config.vocab_size if self.sparse else self.model.config.hidden_size
         self.packed = config.packed
         if self.packed and attn not in ("sdpa_varlen", "flash_attention_2"):
             raise ValueError(f"encoder.packed needs a varlen attention, not {attn}")
@@ -179,12 +224,17 @@ class Encoder:
         return self._forward_packed(batch) if self.packed else self._forward_padded(batch)
 
     def _forward_packed(self, batch: list[list[int]]) -> torch.Tensor:
+        if self.sparse:
+            return packed_splade(self.model, batch, self.layer_types, self.device)
         return packed_embeddings(self.model, batch, self.pooling, self.layer_types, self.device)
 
     def _forward_padded(self, batch: list[list[int]]) -> torch.Tensor:
         padded = self.tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(self.device)
-        hidden = self.model(**padded).last_hidden_state
         mask = padded["attention_mask"]
+        if self.sparse:
+            logits = self.model(**padded).logits.float() * mask[..., None]
+            return torch.log1p(torch.relu(logits)).amax(dim=1)
+        hidden = self.model(**padded).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         if self.pooling == "lasttoken":

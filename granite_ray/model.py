@@ -104,8 +104,9 @@ def build_mlm_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Mod
     return ModernBertForMaskedLM(config)
 
 
-def sentence_transformers_files(hidden_size: int, max_seq_length: int) -> dict[str, dict | list]:
-    return {
+def sentence_transformers_files(hidden_size: int, max_seq_length: int) -> dict[str, bytes]:
+    """sentence-transformers' Transformer + CLS Pooling layout (our encoders embed with CLS)."""
+    files = {
         "modules.json": [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -123,19 +124,25 @@ def sentence_transformers_files(hidden_size: int, max_seq_length: int) -> dict[s
             "include_prompt": True,
         },
     }
+    return {name: json.dumps(content, indent=2).encode() for name, content in files.items()}
 
 
-def save_artifact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: StageConfig, uri: str,
-                  max_seq_length: int, extra_files: dict[str, bytes] | None = None) -> None:
-    """Write model (safetensors), tokenizer, sentence-transformers files and the resolved config."""
+def write_artifact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: StageConfig, uri: str,
+                   files: dict[str, bytes]) -> None:
+    """Model (safetensors), tokenizer, the resolved config and `files` (relative path -> bytes), to a local or s3:// URI."""
     with tempfile.TemporaryDirectory(prefix="granite-ray-artifact-") as tmp:
         out = Path(tmp)
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        for name, content in sentence_transformers_files(model.config.hidden_size, max_seq_length).items():
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            (out / name).write_text(json.dumps(content, indent=2))
         (out / CONFIG_FILE).write_text(dump_config(config))
-        for name, data in (extra_files or {}).items():
+        for name, data in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_bytes(data)
         storage.upload_dir(out, uri)
+
+
+def save_artifact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: StageConfig, uri: str,
+                  max_seq_length: int, extra_files: dict[str, bytes] | None = None) -> None:
+    """An encoder artifact that SentenceTransformer(path) loads with CLS pooling."""
+    write_artifact(model, tokenizer, config, uri,
+                   {**sentence_transformers_files(model.config.hidden_size, max_seq_length), **(extra_files or {})})

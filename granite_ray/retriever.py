@@ -1,9 +1,10 @@
 """Training stages on query/passage rows as Ray jobs: contrastive fine-tuning, distillation,
-conversational adaptation, and the cross-encoder reranker.
+conversational adaptation, the cross-encoder reranker and the SPLADE sparse encoder.
 
 Each reads FlagEmbedding-style rows through Ray Data, starts from `model.init_from` (an
 artifact URI or any HF/sentence-transformers encoder folder) and writes a new artifact that
-`SentenceTransformer(path)` and `AutoModel` load (the reranker: `CrossEncoder(path)`).
+`SentenceTransformer(path)` and `AutoModel` load (the reranker: `CrossEncoder(path)`; the sparse
+encoder: `SparseEncoder(path)`).
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from granite_ray.config import (ContrastiveConfig, RerankerConfig, DistillConfig, EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, RetroMAEConfig, SpeedConfig, StageConfig,
+from granite_ray.config import (ContrastiveConfig, RerankerConfig, DistillConfig, EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, RetroMAEConfig, SparseConfig, SpeedConfig, StageConfig,
                                 SummarizeTablesConfig, TeacherScoresConfig, TrainTokenizerConfig)
 from granite_ray.objectives.mlm import MLMObjective
 from granite_ray.objectives.retriever import ContrastiveObjective, DistillObjective
 from granite_ray.objectives.reranker import RerankerObjective
 from granite_ray.objectives.retromae import RetroMAEObjective
+from granite_ray.objectives.sparse import SparseObjective
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ STAGES: dict[str, Stage] = {
                                  help="stage 8: distillation on multi-turn conversations (most recent turn first)"),
     "train-reranker": Stage(RerankerConfig, "granite_ray.retriever:run_embedding_stage", RerankerObjective,
                             help="cross-encoder reranker: PListMLE over the positive and mined negatives in teacher order"),
+    "train-sparse": Stage(SparseConfig, "granite_ray.retriever:run_embedding_stage", SparseObjective,
+                          help="SPLADE sparse encoder: distillation from dense teacher scores + FLOPS and NORM regularizers"),
     "eval": Stage(EvalConfig, "granite_ray.evaluate.run:run_eval",
                   help="retrieval evaluation on BEIR folders (local or s3://) and mteb tasks"),
     "summarize-tables": Stage(SummarizeTablesConfig, "granite_ray.datajobs:run_summarize_tables",

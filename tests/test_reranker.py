@@ -84,3 +84,32 @@ def test_eval_reranks_the_embedder_top_k(trained, tmp_path, minilm_path):
     twenty = ndcg(20)
     assert twenty["reranked"]["ndcg_at_10"] != pytest.approx(twenty["ndcg_at_10"], abs=1e-4)
     assert twenty["reranked"]["recall_at_100"] == pytest.approx(twenty["recall_at_100"])  # the same 100 documents
+
+
+def test_reranker_training_and_rerank_evaluation_run_as_ray_jobs(tmp_path, minilm_path):
+    """`ray job submit` of jobs/train_reranker.py, then jobs/evaluate.py reranking with its artifact."""
+    import sys
+
+    from raycluster import LocalHead, submit_and_wait
+
+    rows = tmp_path / "lists.jsonl"
+    cranfield_rows(rows, negatives=3, limit=24, with_scores=True, seed=3)
+    head = LocalHead(num_cpus=2).start()
+    try:
+        status, logs = submit_and_wait(head, (
+            f"{sys.executable} jobs/train_reranker.py model.init_from={minilm_path} data.datasets=[{rows}] "
+            "data.negatives=3 max_length=96 train.batch_size=4 train.max_steps=4 train.log_every=2 train.lr=1e-4 "
+            f"train.optimizer=adamw train.cpus_per_worker=1 storage_path={tmp_path / 'runs'} "
+            f"output_uri={tmp_path / 'reranker'} run_name=reranker-job"))
+        assert status == "SUCCEEDED", logs[-4000:]
+        status, logs = submit_and_wait(head, (
+            f"{sys.executable} jobs/evaluate.py models=[{minilm_path}] datasets=[{SHARED_DATA / 'adi'}] "
+            f"reranker={tmp_path / 'reranker'} rerank_top_k=5 cpus_per_actor=1 output_uri={tmp_path / 'eval'}"))
+        assert status == "SUCCEEDED", logs[-4000:]
+    finally:
+        head.stop()
+    assert [json.loads(line)["step"] for line in (tmp_path / "reranker" / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    (result,) = json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()
+    reranked = result["adi"]["reranked"]
+    assert reranked["top_k"] == 5 and reranked["reranker"] == str(tmp_path / "reranker")
+    assert reranked["recall_at_100"] == pytest.approx(result["adi"]["recall_at_100"])  # reranking reorders the top 5 only

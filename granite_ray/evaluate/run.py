@@ -2,7 +2,8 @@
 
 Engine `ray` (default): queries and the streamed corpus go through one Ray Data pool of encoder
 actors; only ids and embeddings come back to the driver, then an exact blocked top-k search and
-trec_eval-convention metrics. Engine `mteb`: `mteb.evaluate` with our encoder, for BEIR folders
+trec_eval-convention metrics. A sparse (SPLADE) model's texts come back as their non-zero terms
+and are searched through an inverted index; its results add the average non-zero terms. Engine `mteb`: `mteb.evaluate` with our encoder, for BEIR folders
 and for mteb hub tasks by name.
 """
 
@@ -13,6 +14,7 @@ import json
 import math
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import ray
@@ -23,6 +25,7 @@ from granite_ray.config import EncoderConfig, EncoderPoolFields, EvalConfig, dum
 from granite_ray.encoder import Encoder
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.metrics import retrieval_scores
+from granite_ray.evaluate.inverted_index import InvertedIndex, sparse_rows
 from granite_ray.evaluate.search import top_k
 from granite_ray.runtime import init_ray, log
 
@@ -34,7 +37,8 @@ METRICS = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
 class EncodeRows:
     """Ray Data actor: one encoder per actor; rows of kind "query" get the query prompt.
 
-    Embeddings leave unit-length when the model's similarity is cosine, ready for inner-product search."""
+    Embeddings leave unit-length when the model's similarity is cosine, ready for inner-product search;
+    a sparse model's leave as their non-zero term ids and weights."""
 
     def __init__(self, model_uri: str, encoder_config: dict, threads: int) -> None:
         torch.set_num_threads(max(threads, 1))
@@ -48,7 +52,16 @@ class EncodeRows:
                 embeddings[rows] = encode([batch["text"][i] for i in rows])
         if self.encoder.similarity == "cosine":  # search by inner product
             embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        if self.encoder.sparse:
+            terms, weights = sparse_rows(embeddings)
+            return {"id": batch["id"], "kind": batch["kind"], "terms": _objects(terms), "weights": _objects(weights)}
         return {"id": batch["id"], "kind": batch["kind"], "embedding": embeddings}
+
+
+def _objects(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
 
 
 def _with_kind(kind: str):
@@ -57,8 +70,9 @@ def _with_kind(kind: str):
     return tag
 
 
-def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-    """(query ids, query embeddings, doc ids, doc embeddings): the corpus streams through the actor pool."""
+def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields) -> tuple[list[str], Any, list[str], Any]:
+    """(query ids, query embeddings, doc ids, doc embeddings): the corpus streams through the actor pool.
+    Sparse models' embeddings are (term ids, weights) lists instead of matrices."""
     resources = ray.cluster_resources()
     gpus = config.gpus_per_actor
     if gpus is None:
@@ -79,17 +93,26 @@ def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFiel
         compute=ray.data.ActorPoolStrategy(size=config.encode_actors))
     query_ids, doc_ids, query_parts, doc_parts = [], [], [], []
     start, last_report = time.perf_counter(), time.perf_counter()
+    sparse = False
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
         is_query = batch["kind"] == "query"
         query_ids.extend(batch["id"][is_query].tolist())
-        query_parts.append(batch["embedding"][is_query])
         doc_ids.extend(batch["id"][~is_query].tolist())
-        doc_parts.append(batch["embedding"][~is_query])
+        sparse = "terms" in batch
+        for rows, parts in ((is_query, query_parts), (~is_query, doc_parts)):
+            if sparse:
+                parts.append((list(batch["terms"][rows]), list(batch["weights"][rows])))
+            else:
+                parts.append(batch["embedding"][rows])
         if time.perf_counter() - last_report > 30:
             last_report = time.perf_counter()
             log(f"{dataset.name}: {len(doc_ids)} documents encoded ({len(doc_ids) / (last_report - start):.0f}/s)", TAG)
     if not doc_ids:
         raise ValueError(f"{dataset.corpus_uri}: the corpus has no documents")
+    if sparse:
+        def joined(parts):
+            return [a for terms, _ in parts for a in terms], [a for _, weights in parts for a in weights]
+        return query_ids, joined(query_parts), doc_ids, joined(doc_parts)
     doc_matrix = np.concatenate(doc_parts)
     del doc_parts
     return query_ids, np.concatenate(query_parts), doc_ids, doc_matrix
@@ -102,9 +125,15 @@ def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig) -> d
         raise ValueError(f"{dataset.corpus_uri}: document ids are not unique")
     check_qrels_against_corpus(dataset, set(doc_ids))
     encoded = time.perf_counter()
-    scores, index = top_k(queries, docs, config.top_k)
+    extra = {}
+    if isinstance(docs, tuple):  # sparse: (term ids, weights) per text
+        scores, index, extra = sparse_search(queries, docs, config.top_k)
+        log(f"{dataset.name}: non-zero terms per query {extra['query_nonzeros']:.1f}, per document "
+            f"{extra['doc_nonzeros']:.1f}", TAG)
+    else:
+        scores, index = top_k(queries, docs, config.top_k)
     run = {q: {doc_ids[j]: float(s) for s, j in zip(scores[i], index[i])} for i, q in enumerate(query_ids)}
-    result = retrieval_scores(dataset.qrels, run)
+    result = retrieval_scores(dataset.qrels, run) | extra
     result.update(documents=len(doc_ids), encode_seconds=encoded - started, search_seconds=time.perf_counter() - encoded)
     if config.reranker:
         reranked = rerank_run(run, dataset, config)
@@ -113,6 +142,16 @@ def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig) -> d
         log(f"{dataset.name}: NDCG@10 {result['ndcg_at_10']:.4f} -> {result['reranked']['ndcg_at_10']:.4f} after reranking "
             f"the top {config.rerank_top_k}", TAG)
     return result
+
+
+def sparse_search(queries: tuple[list, list], docs: tuple[list, list], k: int) -> tuple[list, list, dict]:
+    """Top-k of each query through an inverted index over the documents' terms; average non-zeros."""
+    vocab_size = 1 + max((int(t.max()) for t in docs[0] + queries[0] if len(t)), default=0)
+    index = InvertedIndex(*docs, vocab_size=vocab_size)
+    hits = [index.search(terms, weights, k) for terms, weights in zip(*queries)]
+    nonzeros = {"query_nonzeros": float(np.mean([len(t) for t in queries[0]])),
+                "doc_nonzeros": float(np.mean([len(t) for t in docs[0]]))}
+    return [h[0] for h in hits], [h[1] for h in hits], nonzeros
 
 
 def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: EvalConfig) -> dict[str, dict[str, float]]:

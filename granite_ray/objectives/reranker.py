@@ -9,9 +9,6 @@ gives the same scores in sentence-transformers' `CrossEncoder`.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
@@ -19,10 +16,10 @@ from transformers import AutoModelForSequenceClassification
 
 import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
-from granite_ray.config import RerankerConfig, dump_config
+from granite_ray.config import RerankerConfig
 from granite_ray.encoder import packed_embeddings
 from granite_ray.losses.plistmle import plistmle_loss
-from granite_ray.model import CONFIG_FILE, resolve_attn_implementation, set_dropout
+from granite_ray.model import resolve_attn_implementation, set_dropout, write_artifact
 from granite_ray.train.metrics import dense_flops_per_token
 
 
@@ -83,11 +80,4 @@ class RerankerObjective:
         return plistmle_loss(scores.view(inputs["rows"], -1))
 
     def save_artifact(self, model: nn.Module, uri: str, extra_files: dict[str, bytes]) -> None:
-        with tempfile.TemporaryDirectory(prefix="granite-ray-artifact-") as tmp:
-            out = Path(tmp)
-            model.model.save_pretrained(out, safe_serialization=True)
-            self.tokenizer.save_pretrained(out)
-            (out / CONFIG_FILE).write_text(dump_config(self.config))
-            for name, data in extra_files.items():
-                (out / name).write_bytes(data)
-            storage.upload_dir(out, uri)
+        write_artifact(model.model, self.tokenizer, self.config, uri, extra_files)

@@ -11,7 +11,6 @@ whole global batch, which makes the gradients equal to one worker holding that b
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,11 @@ from transformers import AutoModel
 
 import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
-from granite_ray.config import ContrastiveConfig, DistillConfig, RetrieverStageConfig, dump_config
+from granite_ray.config import ContrastiveConfig, DistillConfig, RetrieverStageConfig
 from granite_ray.encoder import packed_embeddings, sentence_transformers_settings
 from granite_ray.losses.contrastive import improved_contrastive_loss
 from granite_ray.losses.distill import distillation_loss
-from granite_ray.model import CONFIG_FILE, resolve_attn_implementation, sentence_transformers_files, set_dropout, set_global_rope_theta
+from granite_ray.model import resolve_attn_implementation, sentence_transformers_files, set_dropout, set_global_rope_theta, write_artifact
 from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
 
 
@@ -78,9 +77,9 @@ class EmbeddingObjective:
     def build_model(self) -> torch.nn.Module:
         model, settings = load_encoder(self.config)
         self.pooling = settings["pooling"]
-        self.module_files = settings["module_files"] or {  # a plain HF encoder: our CLS pooling
-            name: json.dumps(content, indent=2).encode()
-            for name, content in sentence_transformers_files(model.config.hidden_size, self.config.data.passage_max_len).items()}
+        # A plain HF encoder gets our CLS pooling.
+        self.module_files = settings["module_files"] or sentence_transformers_files(model.config.hidden_size,
+                                                                                    self.config.data.passage_max_len)
         self.layer_types = getattr(model.config, "layer_types", None)
         return model
 
@@ -120,15 +119,7 @@ class EmbeddingObjective:
         return self.loss_from_embeddings(self.embed(model, inputs["sequences"], inputs["device"]), inputs)
 
     def save_artifact(self, model: torch.nn.Module, uri: str, extra_files: dict[str, bytes]) -> None:
-        with tempfile.TemporaryDirectory(prefix="granite-ray-artifact-") as tmp:
-            out = Path(tmp)
-            model.save_pretrained(out, safe_serialization=True)
-            self.tokenizer.save_pretrained(out)
-            (out / CONFIG_FILE).write_text(dump_config(self.config))
-            for name, data in {**self.module_files, **extra_files}.items():
-                (out / name).parent.mkdir(parents=True, exist_ok=True)
-                (out / name).write_bytes(data)
-            storage.upload_dir(out, uri)
+        write_artifact(model, self.tokenizer, self.config, uri, {**self.module_files, **extra_files})
 
 
 class ContrastiveObjective(EmbeddingObjective):

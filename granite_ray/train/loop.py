@@ -3,7 +3,8 @@
 An objective provides: build_model(), flops_per_token(model), reseed(rank, micro_step),
 batch_inputs(batch, device), loss(model, inputs) and save_artifact(model, uri, extra_files);
 optionally forward_backward(strategy, inputs, scale, boundary, autocast) when it runs its own
-backward passes (GradCache).
+backward passes (GradCache). An objective with a `step` attribute has it set to the optimizer
+step before each batch (for schedules of its own, e.g. regularizer warm-up).
 The loop owns the parallel strategy (granite_ray.train.parallel), gradient accumulation, mixed
 precision, metrics, checkpoints (safetensors, to a local or s3:// storage path) and resume from
 the latest checkpoint.
@@ -209,6 +210,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch in batches:
             seen_batch = True
             objective.reseed(rank, state["step"] * tc.grad_accum_steps + micro % tc.grad_accum_steps)
+            if hasattr(objective, "step"):
+                objective.step = state["step"]
             inputs = objective.batch_inputs(batch, device)
             boundary = (micro + 1) % tc.grad_accum_steps == 0
             loss = _forward_backward(objective, strategy, inputs, 1 / tc.grad_accum_steps, boundary, autocast)
