@@ -161,3 +161,23 @@ def test_eval_searches_the_sparse_model_through_an_inverted_index(trained, tmp_p
     assert result["ndcg_at_10"] == pytest.approx(expected["ndcg_at_10"], abs=2e-3)
     assert result["doc_nonzeros"] == pytest.approx(float((docs > 0).sum(1).mean()), rel=0.01)
     assert result["query_nonzeros"] == pytest.approx(float((queries > 0).sum(1).mean()), rel=0.01)
+
+
+def test_a_missing_mlm_head_starts_from_the_texts_own_terms(minilm_path):
+    """all-MiniLM-L6-v2 ships no MLM head: the new one starts lexical, not collapsed onto a few fixed terms."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from granite_ray.objectives.sparse import SpladeModel, start_missing_head_as_identity
+
+    model, loading = AutoModelForMaskedLM.from_pretrained(minilm_path, attn_implementation="sdpa_varlen", output_loading_info=True)
+    start_missing_head_as_identity(model, loading["missing_keys"])
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    texts = ["aeroelastic models of heated aircraft", "propeller slipstream over a wing"]
+    with torch.no_grad():
+        weights = SpladeModel(model.eval())([tokenizer(t)["input_ids"] for t in texts], torch.device("cpu"))
+    for text, row in zip(texts, weights):
+        top = set(tokenizer.convert_ids_to_tokens(row.topk(30).indices.tolist()))
+        own = set(tokenizer.tokenize(text)) - {"a", "of", "over"}
+        assert len(own & top) >= len(own) - 1, (own, top)
+    overlap = len(set(weights[0].topk(30).indices.tolist()) & set(weights[1].topk(30).indices.tolist()))
+    assert overlap <= 5  # different texts, different leading terms

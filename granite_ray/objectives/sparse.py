@@ -61,6 +61,20 @@ def sparse_encoder_files(vocab_size: int, max_seq_length: int, prompts: dict[str
     return {name: json.dumps(content, indent=2).encode() for name, content in files.items()}
 
 
+def start_missing_head_as_identity(model: nn.Module, missing_keys: list[str]) -> None:
+    """A checkpoint without an MLM head (e.g. a sentence-transformers BERT) gets one whose dense transform
+    is the identity and whose decoder is tied to the input embeddings: each token's term weights then
+    start at the vocabulary entries closest to its own hidden state, mostly its own and related tokens.
+    A randomly drawn transform instead maps every text to the same few terms, and distillation alone
+    does not recover from that."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.endswith(("transform.dense", "head.dense")) and f"{name}.weight" in missing_keys:
+            with torch.no_grad():
+                module.weight.copy_(torch.eye(module.weight.shape[0], module.weight.shape[1]))
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
 class SparseObjective:
     def __init__(self, config: SparseConfig, tokenizer) -> None:
         self.config = config
@@ -73,8 +87,9 @@ class SparseObjective:
         attn = resolve_attn_implementation(self.config.model.attn_implementation)
         with storage.local_copy(self.config.model.init_from) as folder:
             self.prompts = sentence_transformers_settings(Path(folder))["prompts"]
-            # A checkpoint without an MLM head (e.g. a sentence-transformers BERT) gets a new head, tied to its embeddings.
-            model = AutoModelForMaskedLM.from_pretrained(str(folder), attn_implementation=attn, dtype=torch.float32)
+            model, loading = AutoModelForMaskedLM.from_pretrained(str(folder), attn_implementation=attn, dtype=torch.float32,
+                                                                  output_loading_info=True)
+        start_missing_head_as_identity(model, loading["missing_keys"])
         set_dropout(model, self.config.model.dropout)
         if self.config.model.global_rope_theta:
             set_global_rope_theta(model, self.config.model.global_rope_theta)
