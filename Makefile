@@ -16,3 +16,4 @@ bench: setup
 	.venv/bin/python benchmarks/teacher.py
 	.venv/bin/python benchmarks/mining.py
 	.venv/bin/python benchmarks/contrastive.py
+	.venv/bin/python benchmarks/serve.py

@@ -93,6 +93,20 @@ def packed_splade(model: torch.nn.Module, batch: Sequence[Sequence[int]], layer_
     return torch.stack(weights)
 
 
+def pool_windows(flat: np.ndarray, owner: np.ndarray, count: int, mode: str | None) -> np.ndarray:
+    """One row per text from its windows' rows (`owner[i]`: the text of window i): mean or max over its
+    windows ("chunk-mean" / "chunk-max"); None: the rows are the texts already."""
+    if mode is None:
+        return flat
+    pooled = np.zeros((count, flat.shape[1]), dtype=np.float32)
+    if mode == "chunk-mean":
+        np.add.at(pooled, owner, flat)
+        return pooled / np.bincount(owner, minlength=count)[:, None]
+    pooled[:] = -np.inf
+    np.maximum.at(pooled, owner, flat)
+    return pooled
+
+
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The tokens the tokenizer puts before and after a text's content (e.g. [CLS] ... [SEP])."""
     framed = tokenizer("a")["input_ids"]
@@ -253,14 +267,7 @@ class Encoder:
         else:
             windows = [self.windows(c, self.config.chunk_overlap) for c in contents]
             flat = self.embed_token_ids([self._framed(w) for ws in windows for w in ws])
-            owner = np.repeat(np.arange(len(texts)), [len(ws) for ws in windows])
-            pooled = np.zeros((len(texts), self.dimension), dtype=np.float32)
-            if mode == "chunk-mean":
-                np.add.at(pooled, owner, flat)
-                pooled /= np.bincount(owner, minlength=len(texts))[:, None]
-            else:
-                pooled[:] = -np.inf
-                np.maximum.at(pooled, owner, flat)
+            pooled = pool_windows(flat, np.repeat(np.arange(len(texts)), [len(ws) for ws in windows]), len(texts), mode)
         if self.normalize:
             pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return pooled

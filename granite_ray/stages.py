@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from granite_ray.config import (ContrastiveConfig, RerankerConfig, DistillConfig, EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, RetroMAEConfig, SparseConfig, SpeedConfig, StageConfig,
+from granite_ray.config import (ContrastiveConfig, RerankerConfig, DistillConfig, EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, RetroMAEConfig, ServeConfig, SparseConfig, SpeedConfig, StageConfig,
                                 SummarizeTablesConfig, TeacherScoresConfig, TrainTokenizerConfig)
 from granite_ray.objectives.mlm import MLMObjective
 from granite_ray.objectives.retriever import ContrastiveObjective, DistillObjective
@@ -63,5 +63,7 @@ STAGES: dict[str, Stage] = {
                    help="weighted average of checkpoints of one architecture (LM-Cocktail), as a new artifact"),
     "speed": Stage(SpeedConfig, "granite_ray.speed:run_speed",
                    help="encoding speed by the paper's method: 512-token chunks, 100 overlap, batch 128"),
+    "serve": Stage(ServeConfig, "granite_ray.serve.app:run_serve",
+                   help="embedder, reranker and sparse encoder behind an OpenAI/TEI/Cohere-compatible HTTP API (Ray Serve)"),
 }
 

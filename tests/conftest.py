@@ -119,3 +119,20 @@ def tiny_artifact(tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-artifact")
     save_artifact(build_mlm_model(ModelConfig(preset="tiny"), tokenizer), tokenizer, PretrainMLMConfig(), str(path), 256)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm(tmp_path_factory, minilm_path):
+    """A 2-layer BERT with an MLM head over MiniLM's real 30k vocabulary; random weights, no dropout."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    path = tmp_path_factory.mktemp("tiny-bert-mlm")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertForMaskedLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
