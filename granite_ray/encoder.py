@@ -74,8 +74,13 @@ def mlm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"{type(model).__name__}: no masked-LM head (BERT or ModernBERT *ForMaskedLM)")
 
 
+def splade_max_pool(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """max over tokens of log(1 + relu(logit)); padding must hold logits <= 0."""
+    return torch.log1p(torch.relu(logits.float())).amax(dim=dim)
+
+
 def _splade_segment(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    return torch.log1p(torch.relu(mlm_logits(model, hidden).float())).amax(dim=0)
+    return splade_max_pool(mlm_logits(model, hidden), dim=0)
 
 
 def packed_splade(model: torch.nn.Module, batch: Sequence[Sequence[int]], layer_types: list[str] | None,
@@ -246,8 +251,7 @@ class Encoder:
         padded = self.tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(self.device)
         mask = padded["attention_mask"]
         if self.sparse:
-            logits = self.model(**padded).logits.float() * mask[..., None]
-            return torch.log1p(torch.relu(logits)).amax(dim=1)
+            return splade_max_pool(self.model(**padded).logits * mask[..., None], dim=1)
         hidden = self.model(**padded).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
