@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=stage.help)
         p.add_argument("--config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. train.lr=1e-4)")
+    pipeline = sub.add_parser("pipeline", help="run stages in order as Ray jobs, chained by artifact URIs, resumable")
+    pipeline.add_argument("--config", required=True, help="pipeline YAML (see configs/pipelines/)")
+    pipeline.add_argument("--address", help="Ray dashboard URL; default: the file's address, RAY_ADDRESS, else an embedded local Ray")
+    pipeline.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline's top-level fields (e.g. output_uri=s3://b/p)")
     demo = sub.add_parser("demo", help="train a tiny tokenizer + MLM encoder on a real corpus sample, locally")
     demo.add_argument("--output", default="outputs/demo", help="output directory")
     demo.add_argument("overrides", nargs="*", help="overrides for the MLM stage (e.g. train.max_steps=50)")
@@ -31,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "pipeline":
+            from granite_ray.pipeline import run_pipeline_cli
+
+            return run_pipeline_cli(args.config, args.address, args.overrides)
         if args.command == "demo":
             from granite_ray.demo import run_demo
 

@@ -548,7 +548,12 @@ def _format_errors(err: ValidationError) -> str:
 def load_config(cls: type[C], yaml_path: str | Path | None = None, overrides: list[str] = ()) -> C:
     tree: dict[str, Any] = {}
     if yaml_path is not None:
-        text = Path(yaml_path).read_text()
+        if str(yaml_path).startswith("s3://"):  # a pipeline's resolved stage configs live beside its artifacts
+            from granite_ray import storage
+
+            text = storage.read_bytes(str(yaml_path)).decode()
+        else:
+            text = Path(yaml_path).read_text()
         loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: top level must be a mapping")
@@ -630,4 +635,55 @@ class ServeConfig(StageConfig):
     def _serves_something(self) -> "ServeConfig":
         if not (self.embedder or self.reranker or self.sparse):
             raise ValueError("embedder: give at least one model to serve (embedder, reranker or sparse)")
+        return self
+
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE")
+
+
+class PipelineStage(Section):
+    """One stage of a pipeline: a Ray job running `jobs/<stage>.py` with a resolved config.
+
+    In `overrides`, `${name}` stands for the artifact URI of the earlier stage `name`."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="unique in the pipeline; names the artifact folder")
+    stage: str = Field(description="a granite-ray stage, e.g. pretrain-mlm")
+    config: str | None = Field(None, description="the stage's YAML config (local path or s3://)")
+    overrides: list[str] = Field(default_factory=list, description="key.sub=value, applied after the config")
+    num_cpus: float = Field(0, ge=0, description="CPUs the job's driver needs (its workers ask for their own)")
+    num_gpus: float = Field(0, ge=0, description="GPUs the driver needs: brings up a GPU node on an autoscaling cluster")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources the driver needs")
+    timeout_s: float | None = Field(None, gt=0, description="stop the job and fail the pipeline after this long")
+
+    _absolute = field_validator("config")(absolute_uri)
+
+
+class PipelineConfig(Section):
+    """`granite-ray pipeline`: stages submitted in order as Ray jobs, chained by artifact URIs."""
+
+    output_uri: str = Field("outputs/pipeline", description="manifest.json, resolved stage configs and (unless a "
+                            "stage says otherwise) each stage's artifact at <output_uri>/<name>; local or s3://")
+    address: str | None = Field(None, description="Ray dashboard URL (http://head:8265); None: RAY_ADDRESS, else an "
+                                "embedded local Ray head started for the run")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded head; None: all of this machine's")
+    working_dir: str | None = Field(".", description="uploaded with every job (the granite-ray checkout); None when "
+                                    "the cluster's image already has granite-ray and jobs/ in its working directory")
+    excludes: list[str] = Field(default_factory=lambda: [".venv", ".git", "outputs", "runs", "benchmarks/results",
+                                                         "**/__pycache__", "*.egg-info"])
+    python: str | None = Field(None, description="the jobs' interpreter; None: this one for an embedded head, "
+                               "else `python` on the cluster")
+    forward_env: list[str] = Field(default_factory=lambda: list(FORWARDED_ENV), description="variables copied from "
+                                   "this environment into every job when set (S3 endpoint and keys); never printed")
+    env_vars: dict[str, str] = Field(default_factory=lambda: {"TOKENIZERS_PARALLELISM": "false"})
+    poll_s: float = Field(1.0, gt=0, description="job status polling period")
+    stages: list[PipelineStage] = Field(min_length=1)
+
+    _absolute = field_validator("output_uri", "working_dir")(absolute_uri)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "PipelineConfig":
+        names = [s.name for s in self.stages]
+        if repeated := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"stages: names {repeated} repeat")
         return self

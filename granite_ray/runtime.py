@@ -7,10 +7,8 @@ import sys
 
 import ray
 
+from granite_ray.config import FORWARDED_ENV
 from granite_ray.storage import apply_storage_env
-
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE")
 
 
 def init_ray(config) -> None:

@@ -1,0 +1,101 @@
+"""`granite-ray pipeline` against a real `ray start --head`: a 3-stage tiny pipeline with its
+artifacts on S3, a re-run that skips the completed stages, and a failing stage reported clearly."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, SAMPLE
+from raycluster import LocalHead
+
+from granite_ray import storage
+from granite_ray.cli import main
+from granite_ray.config import PipelineConfig
+from granite_ray.pipeline import PipelineError, PipelineRunner
+
+ADI = REPO.parent / "shared" / "data" / "adi"
+
+
+def _pipeline(output_uri: str, extra: list[dict] = ()) -> dict:
+    return {
+        "output_uri": output_uri, "python": sys.executable, "working_dir": str(REPO),
+        "stages": [
+            {"name": "tokenizer", "stage": "train-tokenizer",
+             "overrides": [f"data.paths=[{SAMPLE}/adi.jsonl]", "tokenizer.vocab_size=512"]},
+            {"name": "mlm", "stage": "pretrain-mlm", "config": str(REPO / "configs" / "pretrain_mlm_tiny.yaml"),
+             "overrides": ["tokenizer.path=${tokenizer}", f"data.paths=[{SAMPLE}/adi.jsonl]", "data.max_seq_len=64",
+                           "train.batch_size=4", "train.max_steps=4", "train.log_every=2"]},
+            {"name": "eval", "stage": "eval", "overrides": ["models=[${mlm}]", f"datasets=[{ADI}]"]},
+            *extra,
+        ]}
+
+
+@pytest.fixture(scope="module")
+def head(s3):
+    """A head that does NOT inherit the S3 keys: jobs reach S3 only through the variables the runner forwards."""
+    with LocalHead(num_cpus=2, env={k: "" for k in s3.env() if k.startswith("AWS_") and "KEY" in k}) as running:
+        yield running
+
+
+def test_pipeline_runs_chains_skips_and_reports_a_failed_stage(head, bucket, s3, capfd, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.address)
+    output = f"s3://{bucket}/pipeline"
+    run = PipelineRunner(PipelineConfig.model_validate(_pipeline(output))).run(head.address)
+    printed = capfd.readouterr()
+    assert run.ran == ["tokenizer", "mlm", "eval"] and run.skipped == []
+    assert s3.env()["AWS_SECRET_ACCESS_KEY"] not in printed.out + printed.err  # forwarded, never printed
+    assert "[mlm] " in printed.out and "[pipeline] eval (eval): succeeded" in printed.out  # job logs streamed
+
+    manifest = json.loads(storage.read_bytes(f"{output}/manifest.json"))["stages"]
+    assert {n: e["status"] for n, e in manifest.items()} == {"tokenizer": "succeeded", "mlm": "succeeded", "eval": "succeeded"}
+    assert manifest["mlm"]["artifact"] == f"{output}/mlm" and manifest["mlm"]["inputs"] == ["tokenizer"]
+    assert manifest["mlm"]["metrics"]["last_step"]["step"] == 4 and manifest["mlm"]["seconds"] > 0
+    results = json.loads(storage.read_bytes(f"{output}/eval/results.json"))
+    assert results["models"] == {"mlm": f"{output}/mlm"}  # the eval stage read the MLM stage's artifact
+    assert manifest["eval"]["metrics"]["results"]["mlm"]["adi"]["ndcg_at_10"] == results["results"]["mlm"]["adi"]["ndcg_at_10"]
+    resolved = yaml.safe_load(storage.read_bytes(manifest["mlm"]["config_uri"]))
+    assert resolved["tokenizer"]["path"] == f"{output}/tokenizer" and resolved["train"]["max_steps"] == 4
+    jobs_before = len(client.list_jobs())
+
+    again = PipelineRunner(PipelineConfig.model_validate(_pipeline(output))).run(head.address)
+    assert again.ran == [] and again.skipped == ["tokenizer", "mlm", "eval"]
+    assert len(client.list_jobs()) == jobs_before
+
+    # A changed eval config re-runs eval alone; a stage that cannot succeed stops the pipeline and says why.
+    failing = _pipeline(output, [{"name": "eval-dev", "stage": "eval",
+                                  "overrides": ["models=[${mlm}]", f"datasets=[{ADI}]", "split=dev"]}])
+    failing["stages"][2]["overrides"].append("top_k=50")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(failing))
+    capfd.readouterr()
+    assert main(["pipeline", "--config", str(path), "--address", head.address]) == 1
+    err = capfd.readouterr().err
+    assert "stage 'eval-dev' (eval) failed" in err and "split 'dev' not found" in err and "splits present: ['test']" in err
+    manifest = json.loads(storage.read_bytes(f"{output}/manifest.json"))["stages"]
+    assert manifest["eval-dev"]["status"] == "failed" and "split 'dev'" in manifest["eval-dev"]["error"]
+    assert manifest["eval"]["status"] == "succeeded" and len(client.list_jobs()) == jobs_before + 2  # eval again, eval-dev
+
+
+def test_pipeline_errors_before_any_job(head, tmp_path):
+    """A bad override or a reference to a later stage fails in validation, before anything is submitted."""
+    from ray.job_submission import JobSubmissionClient
+
+    jobs_before = len(JobSubmissionClient(head.address).list_jobs())
+    typo = _pipeline(str(tmp_path / "out"))
+    typo["stages"][1]["overrides"].append("train.max_stepz=3")
+    with pytest.raises(PipelineError, match=r"(?s)stage .mlm. \(pretrain-mlm\).*train.max_stepz: Extra inputs"):
+        PipelineRunner(PipelineConfig.model_validate(typo)).run(head.address)
+    forward = _pipeline(str(tmp_path / "out"))
+    forward["stages"][1]["overrides"].append("model.init_from=${eval}")
+    with pytest.raises(PipelineError, match=r"\$\{eval\} names a later stage"):
+        PipelineRunner(PipelineConfig.model_validate(forward))
+    unknown = _pipeline(str(tmp_path / "out"))
+    unknown["stages"][0]["stage"] = "pretrain-mlmm"
+    with pytest.raises(PipelineError, match="unknown stage 'pretrain-mlmm'"):
+        PipelineRunner(PipelineConfig.model_validate(unknown))
+    assert len(JobSubmissionClient(head.address).list_jobs()) == jobs_before
