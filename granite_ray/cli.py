@@ -11,6 +11,7 @@ import sys
 
 from granite_ray.config import ConfigError, load_config
 from granite_ray.evaluate.beir import DatasetError
+from granite_ray.pipeline import PipelineError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--config", required=True, help="pipeline YAML (see configs/pipelines/)")
     pipeline.add_argument("--address", help="Ray dashboard URL; default: the file's address, RAY_ADDRESS, else an embedded local Ray")
     pipeline.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline's top-level fields (e.g. output_uri=s3://b/p)")
-    demo = sub.add_parser("demo", help="train a tiny tokenizer + MLM encoder on a real corpus sample, locally")
-    demo.add_argument("--output", default="outputs/demo", help="output directory")
-    demo.add_argument("overrides", nargs="*", help="overrides for the MLM stage (e.g. train.max_steps=50)")
+    demo = sub.add_parser("demo", help="every stage on the tiny preset, on real data, as Ray jobs on an embedded local Ray; then Serve")
+    demo.add_argument("--output", default="outputs/demo", help="output directory (re-runs skip the stages done there)")
+    demo.add_argument("--exit", action="store_true", help="stop after calling the endpoints instead of serving until Ctrl-C")
+    demo.add_argument("overrides", nargs="*", help="pipeline overrides, e.g. variables.serve_port=8100")
     return parser
 
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from granite_ray.demo import run_demo
 
-            run_demo(args.output, args.overrides)
+            run_demo(args.output, args.overrides, keep_serving=not args.exit)
             return 0
         from granite_ray.stages import STAGES
 
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as err:
         print(f"granite-ray {args.command}: {err}", file=sys.stderr)
         return 2
+    except PipelineError as err:
+        print(f"granite-ray {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -309,6 +309,7 @@ class MineNegativesConfig(StageConfig, EncoderPoolFields):
     top_k: int = Field(100, gt=0)
     margin: float = Field(0.95, gt=0, description="drop candidates scoring above margin x the positive's score")
     negatives: int = Field(3, gt=0, description="kept per query: 3 for distillation, 8 for the reranker")
+    max_queries: int | None = Field(None, gt=0, description="mine for this many queries (the first by id): a sample")
     query_batch: int = Field(1024, gt=0)
     output_uri: str = "outputs/mined"
 
@@ -677,6 +678,8 @@ class PipelineConfig(Section):
                                    "this environment into every job when set (S3 endpoint and keys); never printed")
     env_vars: dict[str, str] = Field(default_factory=lambda: {"TOKENIZERS_PARALLELISM": "false"})
     poll_s: float = Field(1.0, gt=0, description="job status polling period")
+    variables: dict[str, str] = Field(default_factory=dict, description="${name} in stage overrides: a value used in "
+                                      "many stages (a data root, a teacher model), overridable as variables.name=...")
     stages: list[PipelineStage] = Field(min_length=1)
 
     _absolute = field_validator("output_uri", "working_dir")(absolute_uri)
@@ -686,4 +689,6 @@ class PipelineConfig(Section):
         names = [s.name for s in self.stages]
         if repeated := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"stages: names {repeated} repeat")
+        if clash := sorted(set(names) & set(self.variables)):
+            raise ValueError(f"variables: {clash} are also stage names; ${{name}} would be ambiguous")
         return self

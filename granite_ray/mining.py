@@ -9,6 +9,7 @@ corpus fetches only the texts the output rows name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -71,6 +72,10 @@ def select_negatives(candidates: list[tuple[str, float]], positives: dict[str, f
 def run_mine_negatives(config: MineNegativesConfig) -> str:
     init_ray(config)
     dataset = load_beir(config.dataset, config.split, config.query_format)
+    if config.max_queries and len(dataset.queries) > config.max_queries:  # a sample: the first ids, reproducibly
+        kept = sorted(dataset.queries)[:config.max_queries]
+        dataset = dataclasses.replace(dataset, queries={q: dataset.queries[q] for q in kept},
+                                      qrels={q: dataset.qrels[q] for q in kept if q in dataset.qrels})
     query_ids, queries, doc_ids, docs = encode_dataset(config.model, dataset, config)
     check_qrels_against_corpus(dataset, set(doc_ids))
     log(f"{len(doc_ids)} documents and {len(query_ids)} queries encoded; building a {config.index} index", TAG)

@@ -2,7 +2,8 @@
 
 Every stage's config is resolved and validated before the first job starts, so a typo fails in
 seconds, not hours in. Each stage then runs as a Ray job (`jobs/<stage>.py --config <resolved
-yaml>`) submitted with `JobSubmissionClient`; its logs stream here. `<output_uri>/manifest.json`
+yaml>`) submitted with `JobSubmissionClient`; its logs stream here. In overrides, `${name}` is the
+artifact URI of the earlier stage `name`, or the pipeline's variable `name`. `<output_uri>/manifest.json`
 records each stage's status, artifact URI, config hash, metrics and timings; a re-run skips the
 stages that succeeded with the same config (and whose inputs did not run again). A serve stage
 counts as done once it answers; its job keeps serving.
@@ -69,9 +70,11 @@ def resolve_stages(pipeline: PipelineConfig) -> list[ResolvedStage]:
 
         def substitute(match: re.Match) -> str:
             ref = match.group(1)
+            if ref in pipeline.variables:
+                return pipeline.variables[ref]
             if ref not in resolved:
                 later = any(s.name == ref for s in pipeline.stages)
-                raise PipelineError(f"stage {spec.name!r}: ${{{ref}}} names {'a later' if later else 'no'} stage; "
+                raise PipelineError(f"stage {spec.name!r}: ${{{ref}}} names {'a later' if later else 'no'} stage or variable; "
                                     f"earlier stages: {', '.join(resolved) or 'none'}")
             inputs.append(ref)
             return resolved[ref].artifact
@@ -312,11 +315,7 @@ def wait_while_serving(run: PipelineRun) -> None:
 
 def run_pipeline_cli(path: str | None, address: str | None, overrides: list[str]) -> int:
     pipeline = load_config(PipelineConfig, path, overrides)
-    try:
-        run = PipelineRunner(pipeline).run(address)
-    except PipelineError as err:
-        print(f"granite-ray pipeline: {err}", file=sys.stderr)
-        return 1
+    run = PipelineRunner(pipeline).run(address)
     log(f"done: {len(run.ran)} ran, {len(run.skipped)} skipped; manifest {storage.join(pipeline.output_uri, 'manifest.json')}", TAG)
     wait_while_serving(run)
     return 0
