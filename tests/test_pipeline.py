@@ -21,10 +21,10 @@ ADI = REPO.parent / "shared" / "data" / "adi"
 
 def _pipeline(output_uri: str, extra: list[dict] = ()) -> dict:
     return {
-        "output_uri": output_uri, "python": sys.executable, "working_dir": str(REPO),
+        "output_uri": output_uri, "python": sys.executable, "working_dir": str(REPO), "variables": {"corpus": str(SAMPLE)},
         "stages": [
             {"name": "tokenizer", "stage": "train-tokenizer",
-             "overrides": [f"data.paths=[{SAMPLE}/adi.jsonl]", "tokenizer.vocab_size=512"]},
+             "overrides": ["data.paths=[${corpus}/adi.jsonl]", "tokenizer.vocab_size=512"]},
             {"name": "mlm", "stage": "pretrain-mlm", "config": str(REPO / "configs" / "pretrain_mlm_tiny.yaml"),
              "overrides": ["tokenizer.path=${tokenizer}", f"data.paths=[{SAMPLE}/adi.jsonl]", "data.max_seq_len=64",
                            "train.batch_size=4", "train.max_steps=4", "train.log_every=2"]},
@@ -60,6 +60,7 @@ def test_pipeline_runs_chains_skips_and_reports_a_failed_stage(head, bucket, s3,
     assert manifest["eval"]["metrics"]["results"]["mlm"]["adi"]["ndcg_at_10"] == results["results"]["mlm"]["adi"]["ndcg_at_10"]
     resolved = yaml.safe_load(storage.read_bytes(manifest["mlm"]["config_uri"]))
     assert resolved["tokenizer"]["path"] == f"{output}/tokenizer" and resolved["train"]["max_steps"] == 4
+    assert yaml.safe_load(storage.read_bytes(manifest["tokenizer"]["config_uri"]))["data"]["paths"] == [f"{SAMPLE}/adi.jsonl"]
     jobs_before = len(client.list_jobs())
 
     again = PipelineRunner(PipelineConfig.model_validate(_pipeline(output))).run(head.address)
