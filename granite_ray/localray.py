@@ -50,7 +50,7 @@ class LocalRayHead:
             env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         return env
 
-    def _fake_cluster_config(self, gcs_port: int) -> Path:
+    def _autoscaling_config_for_head(self, gcs_port: int) -> Path:
         """The cluster YAML with the head's GCS address filled in (the provider defaults to port 6379)."""
         config = yaml.safe_load(self.autoscaling_config.read_text())
         if config["provider"]["type"] != "fake_multinode":
@@ -86,7 +86,7 @@ class LocalRayHead:
             f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 99}",
         ]
         if self.autoscaling_config:
-            args.append(f"--autoscaling-config={self._fake_cluster_config(gcs_port)}")
+            args.append(f"--autoscaling-config={self._autoscaling_config_for_head(gcs_port)}")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         from ray.job_submission import JobSubmissionClient
