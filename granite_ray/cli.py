@@ -11,7 +11,7 @@ import sys
 
 from granite_ray.config import ConfigError, load_config
 from granite_ray.evaluate.beir import DatasetError
-from granite_ray.pipeline import PipelineError
+from granite_ray.pipeline import PipelineError, run_pipeline_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pipeline":
-            from granite_ray.pipeline import run_pipeline_cli
-
             return run_pipeline_cli(args.config, args.address, args.overrides)
         if args.command == "demo":
             from granite_ray.demo import run_demo

@@ -16,7 +16,7 @@ import numpy as np
 
 from granite_ray import storage
 from granite_ray.config import MineNegativesConfig, dump_config
-from granite_ray.evaluate.beir import check_qrels_against_corpus, load_beir, read_documents
+from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.run import encode_dataset
 from granite_ray.runtime import init_ray, log
 
@@ -69,13 +69,18 @@ def select_negatives(candidates: list[tuple[str, float]], positives: dict[str, f
     return [(doc, score) for doc, score in candidates if doc not in positives and score <= ceiling][:keep]
 
 
+def first_queries(dataset: BeirDataset, count: int) -> BeirDataset:
+    """A reproducible sample: the first `count` queries by id, with their judgements."""
+    kept = sorted(dataset.queries)[:count]
+    return dataclasses.replace(dataset, queries={q: dataset.queries[q] for q in kept},
+                               qrels={q: dataset.qrels[q] for q in kept if q in dataset.qrels})
+
+
 def run_mine_negatives(config: MineNegativesConfig) -> str:
     init_ray(config)
     dataset = load_beir(config.dataset, config.split, config.query_format)
-    if config.max_queries and len(dataset.queries) > config.max_queries:  # a sample: the first ids, reproducibly
-        kept = sorted(dataset.queries)[:config.max_queries]
-        dataset = dataclasses.replace(dataset, queries={q: dataset.queries[q] for q in kept},
-                                      qrels={q: dataset.qrels[q] for q in kept if q in dataset.qrels})
+    if config.max_queries:
+        dataset = first_queries(dataset, config.max_queries)
     query_ids, queries, doc_ids, docs = encode_dataset(config.model, dataset, config)
     check_qrels_against_corpus(dataset, set(doc_ids))
     log(f"{len(doc_ids)} documents and {len(query_ids)} queries encoded; building a {config.index} index", TAG)

@@ -127,3 +127,14 @@ def test_mined_negatives_exclude_positives_and_respect_the_margin(ray_local, tmp
         assert row["neg_ids"] == expected
         with_negatives += bool(expected)
     assert with_negatives >= 10  # the equality above is not vacuous
+
+
+def test_a_mining_sample_keeps_the_first_queries_by_id_with_their_judgements():
+    from granite_ray.evaluate.beir import load_beir
+    from granite_ray.mining import first_queries
+
+    full = load_beir(str(SHARED_DATA / "fetaqa_dev"), "dev")
+    sample = first_queries(full, 10)
+    assert list(sample.queries) == sorted(full.queries)[:10]
+    assert sample.qrels == {q: full.qrels[q] for q in sample.queries} and all(sample.qrels.values())
+    assert first_queries(sample, 10) == sample and first_queries(full, 10**6).queries.keys() == full.queries.keys()
