@@ -549,12 +549,9 @@ def _format_errors(err: ValidationError) -> str:
 def load_config(cls: type[C], yaml_path: str | Path | None = None, overrides: list[str] = ()) -> C:
     tree: dict[str, Any] = {}
     if yaml_path is not None:
-        if str(yaml_path).startswith("s3://"):  # a pipeline's resolved stage configs live beside its artifacts
-            from granite_ray import storage
+        from granite_ray import storage  # a pipeline's resolved stage configs may live on S3, beside its artifacts
 
-            text = storage.read_bytes(str(yaml_path)).decode()
-        else:
-            text = Path(yaml_path).read_text()
+        text = storage.read_bytes(str(yaml_path)).decode()
         loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: top level must be a mapping")
@@ -642,11 +639,13 @@ class ServeConfig(StageConfig):
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE")
 
+JOB_EXCLUDES = (".venv", ".git", "outputs", "runs", "benchmarks/results", "**/__pycache__", "*.egg-info")  # not uploaded
+
 
 class PipelineStage(Section):
     """One stage of a pipeline: a Ray job running `jobs/<stage>.py` with a resolved config.
 
-    In `overrides`, `${name}` stands for the artifact URI of the earlier stage `name`."""
+    In `overrides`, `${name}` stands for the artifact URI of the earlier stage `name`, or a pipeline variable."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="unique in the pipeline; names the artifact folder")
     stage: str = Field(description="a granite-ray stage, e.g. pretrain-mlm")
@@ -670,8 +669,7 @@ class PipelineConfig(Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded head; None: all of this machine's")
     working_dir: str | None = Field(".", description="uploaded with every job (the granite-ray checkout); None when "
                                     "the cluster's image already has granite-ray and jobs/ in its working directory")
-    excludes: list[str] = Field(default_factory=lambda: [".venv", ".git", "outputs", "runs", "benchmarks/results",
-                                                         "**/__pycache__", "*.egg-info"])
+    excludes: list[str] = Field(default_factory=lambda: list(JOB_EXCLUDES))
     python: str | None = Field(None, description="the jobs' interpreter; None: this one for an embedded head, "
                                "else `python` on the cluster")
     forward_env: list[str] = Field(default_factory=lambda: list(FORWARDED_ENV), description="variables copied from "

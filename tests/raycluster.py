@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from granite_ray.config import JOB_EXCLUDES
 from granite_ray.localray import LocalRayHead as LocalHead  # noqa: F401  (the tests' name for it)
 
 
@@ -16,7 +17,7 @@ def submit_and_wait(head: LocalHead, entrypoint: str, timeout: float = 600.0) ->
     client = JobSubmissionClient(head.address)
     job = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(repo), "excludes": [".venv", ".git", "outputs", "runs", "benchmarks/results"],
+        runtime_env={"working_dir": str(repo), "excludes": list(JOB_EXCLUDES),
                      "env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     deadline = time.time() + timeout
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:

@@ -26,16 +26,11 @@ import yaml
 
 from conftest import REPO, cranfield_texts
 from granite_ray.config import ConfigError, ServeConfig, load_config
+from granite_ray.localray import free_port
 
 API_KEY = f"key-{uuid.uuid4().hex}"
 APP = "granite-ray-test"
 MAX_INPUTS = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
