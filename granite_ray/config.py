@@ -180,6 +180,21 @@ class StageConfig(Section):
     _absolute = field_validator("storage_path", "output_uri")(absolute_uri)
 
 
+class PassageConfig(Section):
+    """Long documents for a cross-encoder: each is cut into word windows and the ones that best match
+    the query (BM25 within the document, granite_ray.passages) stand for it."""
+
+    words: int = Field(160, gt=0, description="words per window (~1.3 tokens each for English BERT vocabularies)")
+    overlap_words: int = Field(32, ge=0, description="words shared by consecutive windows")
+    per_document: int = Field(1, gt=0, description="windows scored per document; the document takes the best score (MaxP)")
+
+    @model_validator(mode="after")
+    def _stride(self) -> "PassageConfig":
+        if self.overlap_words >= self.words:
+            raise ValueError(f"overlap_words ({self.overlap_words}) must be below words ({self.words})")
+        return self
+
+
 class EvalConfig(StageConfig, EncoderPoolFields):
     """Retrieval evaluation (`granite-ray eval`): models x BEIR folders and/or mteb tasks."""
 
@@ -193,6 +208,7 @@ class EvalConfig(StageConfig, EncoderPoolFields):
     reranker: str | None = Field(None, description="cross-encoder folder or s3:// URI: rerank each model's top rerank_top_k")
     rerank_top_k: int = Field(20, gt=0)
     rerank_max_length: int = Field(512, gt=8, description="tokens of a query-passage pair")
+    rerank_passages: PassageConfig | None = Field(None, description="None: the reranker reads each document's beginning")
     output_uri: str = "outputs/eval"
 
     _absolute_reranker = field_validator("reranker")(absolute_uri)
@@ -449,6 +465,8 @@ class RerankerConfig(StageConfig):
     model: EncoderInitConfig
     data: PairDataConfig
     max_length: int = Field(512, gt=8, description="tokens of a query-passage pair")
+    passages: PassageConfig | None = Field(
+        None, description="long documents: each candidate becomes its best-matching window (per_document is 1 here); None: its beginning")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
@@ -465,11 +483,15 @@ class SparseConfig(DistillConfig):
     stage: Literal["train-sparse"] = "train-sparse"  # type: ignore[assignment]
     temperature: float = Field(1.0, gt=0, description="student scores are sparse dot products divided by this")
     teacher_temperature: float | None = Field(0.05, gt=0, description="teacher scores (dense cosines) divided by this")
+    in_batch_weight: float = Field(
+        1.0, ge=0, description="weight of InfoNCE over every passage of the batch (the other rows' too); 0: distillation only")
     query_flops_weight: float = Field(5e-4, ge=0, description="lambda_q of the FLOPS regularizer")
     passage_flops_weight: float = Field(3e-4, ge=0, description="lambda_p of the FLOPS regularizer")
     query_norm_weight: float = Field(1e-4, ge=0, description="sigma_q of the NORM (L1) regularizer")
     passage_norm_weight: float = Field(1e-4, ge=0, description="sigma_p of the NORM (L1) regularizer")
     regularizer_warmup_steps: int = Field(100, ge=0, description="regularizer weights grow as (step / this)^2 up to 1")
+    new_head_terms_per_token: float = Field(
+        3.0, gt=0, description="init without an MLM head: the new head's bias lets a token of the first training rows activate about this many terms")
 
 
 class TableSourcesConfig(Section):

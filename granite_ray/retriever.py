@@ -34,7 +34,8 @@ def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
     if data.passage_prompt is None and (prompts.get("document") or prompts.get("passage")):
         data.passage_prompt = prompts.get("document") or prompts.get("passage")
     if config.stage == "train-reranker":
-        tokenize, args = TokenizeLists, (tokenizer.backend_tokenizer.to_str(), data.model_dump(), config.max_length)
+        tokenize, args = TokenizeLists, (tokenizer.backend_tokenizer.to_str(), data.model_dump(), config.max_length,
+                                         config.passages.model_dump() if config.passages else None)
     else:
         tokenize, args = TokenizePairs, (tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), data.model_dump(),
                                          config.stage != "contrastive")

@@ -68,3 +68,16 @@ def test_tokenizer_round_trip_through_s3(s3, bucket, tokenizer):
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded(text)["input_ids"][0] == loaded.cls_token_id and loaded.mask_token == "[MASK]"
     assert json.loads(storage.read_bytes(f"{uri}/tokenizer.json"))["model"]["type"] == "BPE"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_head_records_reads_the_first_records_of_jsonl_and_parquet(tmp_path, bucket, where):
+    from granite_ray.data.corpus import head_records
+
+    root = str(tmp_path) if where == "local" else f"s3://{bucket}/head"
+    _write_corpus(root)
+    adi = [json.loads(line) for line in (SAMPLE / "adi.jsonl").read_text().splitlines()]
+    assert head_records(storage.join(root, "part-0.jsonl"), 3) == adi[:3]
+    assert [r["_id"] for r in head_records(storage.join(root, "part-2.parquet"), 10)] == ["p1", "p2", "p3", "p4"]
+    with pytest.raises(ValueError, match=r"part-1.jsonl:2: not JSON"):
+        head_records(storage.join(root, "part-1.jsonl"), 5)

@@ -45,6 +45,25 @@ def test_contrastive_loss_equals_multiple_negatives_ranking_loss(st_model, switc
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_in_batch_ranking_loss_equals_sparse_multiple_negatives_ranking_loss(minilm_path, temperature):
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+    from granite_ray.losses.in_batch import in_batch_ranking_loss
+
+    q, p, n = (t.detach().relu().requires_grad_() for t in _embeddings(seed=3, negatives=2))  # term weights are >= 0
+    model = SparseEncoder(modules=[MLMTransformer(minilm_path), SpladePooling("max")], device="cpu")
+    reference = SparseMultipleNegativesRankingLoss(model, scale=1 / temperature)
+    expected = reference.compute_loss_from_embeddings([q, p, n[:, 0], n[:, 1]], None)
+    # Ours takes the passages as the sparse objective lays them out: positives, then each row's negatives.
+    ours = in_batch_ranking_loss(q, torch.cat([p, n.reshape(-1, n.shape[-1])]), temperature)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, [q, p, n]), torch.autograd.grad(expected, [q, p, n])):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_distillation_loss_equals_distill_kl_div_loss(st_model, temperature):
     from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
 

@@ -21,13 +21,40 @@ def test_lists_follow_teacher_order_with_pair_token_types(minilm_path, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     config = RerankerConfig.model_validate({"model": {"init_from": minilm_path}, "data": {"datasets": ["x"], "negatives": 3}})
     record = {"query": "what is lift", "pos": ["lift is a force"], "neg": ["a", "b", "c"], "neg_scores": [0.1, 0.7, 0.4]}
-    out = TokenizeLists(tokenizer.backend_tokenizer.to_str(), config.data.model_dump(), 32, None)(
+    out = TokenizeLists(tokenizer.backend_tokenizer.to_str(), config.data.model_dump(), 32, None, None)(
         {"line": np.array([json.dumps(record).encode()], dtype=object), "source": np.array(["r"], dtype=object),
          "lineno": np.array([1])})
     pairs, types = out["pairs"][0], out["types"][0]
     assert [tokenizer.decode(p, skip_special_tokens=True).split()[-1] for p in pairs] == ["force", "b", "c", "a"]
     expected = tokenizer("what is lift", "lift is a force")
     assert list(pairs[0]) == expected["input_ids"] and list(types[0]) == expected["token_type_ids"]
+
+
+def _long_document(parts: list[str]) -> str:
+    return "\n".join(parts)
+
+
+def test_lists_of_long_documents_hold_each_candidates_best_window(minilm_path):
+    from transformers import AutoTokenizer
+
+    from granite_ray.data.pairs import TokenizeLists
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    filler = [f"minutes item {i}: the committee reviewed the budget and the schedule of works." for i in range(40)]
+    pos = _long_document(filler[:25] + ["the remote control prototype uses a rubber button and a kinetic battery."] + filler[25:])
+    neg = _long_document(filler[:10] + ["the marketing team wants a fancy look and feel for the remote control."] + filler[10:])
+    record = {"query": "which battery does the remote control prototype use", "pos": [pos], "neg": [neg]}
+    data = RerankerConfig.model_validate({"model": {"init_from": minilm_path}, "data": {"datasets": ["x"], "negatives": 1},
+                                          "passages": {"words": 30, "overlap_words": 5}})
+    tokenize = TokenizeLists(tokenizer.backend_tokenizer.to_str(), data.data.model_dump(), 64, data.passages.model_dump(), None)
+    out = tokenize({"line": np.array([json.dumps(record).encode()], dtype=object), "source": np.array(["r"], dtype=object),
+                    "lineno": np.array([1])})
+    positive, negative = (tokenizer.decode(p, skip_special_tokens=True) for p in out["pairs"][0])
+    assert "kinetic battery" in positive and "fancy look" in negative
+    plain = TokenizeLists(tokenizer.backend_tokenizer.to_str(), data.data.model_dump(), 64, None, None)(
+        {"line": np.array([json.dumps(record).encode()], dtype=object), "source": np.array(["r"], dtype=object),
+         "lineno": np.array([1])})
+    assert "kinetic" not in tokenizer.decode(plain["pairs"][0][0], skip_special_tokens=True)  # the beginning only
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +111,37 @@ def test_eval_reranks_the_embedder_top_k(trained, tmp_path, minilm_path):
     twenty = ndcg(20)
     assert twenty["reranked"]["ndcg_at_10"] != pytest.approx(twenty["ndcg_at_10"], abs=1e-4)
     assert twenty["reranked"]["recall_at_100"] == pytest.approx(twenty["recall_at_100"])  # the same 100 documents
+
+
+def test_eval_reranks_long_documents_by_their_best_passages(trained, tmp_path):
+    """MaxP: each reranked document scores as the best of its per_document windows that best match the query."""
+    from granite_ray.config import EvalConfig
+    from granite_ray.evaluate.beir import load_beir
+    from granite_ray.evaluate.run import rerank_run
+    from granite_ray.passages import best_passages
+    from granite_ray.rerank import Reranker
+
+    docs = [json.loads(line) for line in (SHARED_DATA / "cranfield" / "corpus.jsonl").read_text().splitlines()[:30]]
+    folder = tmp_path / "long"
+    (folder / "qrels").mkdir(parents=True)
+    long_docs = {f"m{i}": _long_document([d["text"] for d in docs[i * 10:(i + 1) * 10]]) for i in range(3)}
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in long_docs.items()))
+    queries = {"q0": docs[4]["title"], "q1": docs[17]["title"]}
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\tm0\t1\nq1\tm1\t1\n")
+    dataset = load_beir(str(folder))
+    config = load_config(EvalConfig, None, [f"models=[{trained}]", f"datasets=[{folder}]", f"reranker={trained}",
+                                            "rerank_top_k=2", "rerank_max_length=128", "rerank_passages.words=40",
+                                            "rerank_passages.overlap_words=8", "rerank_passages.per_document=3"])
+    run = {q: {"m0": 0.9, "m1": 0.8, "m2": 0.7} for q in queries}
+    reranked = rerank_run(run, dataset, config)
+    reranker = Reranker(str(trained), 128)
+    for q, text in queries.items():
+        for d in ("m0", "m1"):
+            windows = best_passages(text, long_docs[d], 40, 8, 3)
+            assert len(windows) == 3 and all(len(w.split()) <= 40 for w in windows)
+            assert reranked[q][d] == pytest.approx(float(reranker.score([(text, w) for w in windows]).max()), abs=1e-5)
+        assert reranked[q]["m2"] < min(reranked[q]["m0"], reranked[q]["m1"])  # below the reranked top 2
 
 
 def test_reranker_training_and_rerank_evaluation_run_as_ray_jobs(tmp_path, minilm_path):

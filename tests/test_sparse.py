@@ -147,15 +147,17 @@ def test_eval_searches_the_sparse_model_through_an_inverted_index(trained, tmp_p
     assert result["query_nonzeros"] == pytest.approx(float((queries > 0).sum(1).mean()), rel=0.01)
 
 
-def test_a_missing_mlm_head_starts_from_the_texts_own_terms(minilm_path):
-    """all-MiniLM-L6-v2 ships no MLM head: the new one starts lexical, not collapsed onto a few fixed terms."""
+def test_a_missing_mlm_head_starts_lexical_and_sparse(minilm_path):
+    """all-MiniLM-L6-v2 ships no MLM head: the new one starts from each text's own terms, not collapsed onto
+    a few fixed terms, and its bias leaves each text a few dozen active terms, not the whole vocabulary."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from granite_ray.objectives.sparse import SpladeModel, start_missing_head_as_identity
+    from granite_ray.objectives.sparse import SpladeModel, start_missing_head
 
     model, loading = AutoModelForMaskedLM.from_pretrained(minilm_path, attn_implementation="sdpa_varlen", output_loading_info=True)
-    start_missing_head_as_identity(model, loading["missing_keys"])
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    samples = [tokenizer(t)["input_ids"] for t in cranfield_texts(4)]
+    assert start_missing_head(model, loading["missing_keys"], lambda: samples, terms_per_token=3)
     texts = ["aeroelastic models of heated aircraft", "propeller slipstream over a wing"]
     with torch.no_grad():
         weights = SpladeModel(model.eval())([tokenizer(t)["input_ids"] for t in texts], torch.device("cpu"))
@@ -163,5 +165,10 @@ def test_a_missing_mlm_head_starts_from_the_texts_own_terms(minilm_path):
         top = set(tokenizer.convert_ids_to_tokens(row.topk(30).indices.tolist()))
         own = set(tokenizer.tokenize(text)) - {"a", "of", "over"}
         assert len(own & top) >= len(own) - 1, (own, top)
+        assert 5 <= int((row > 0).sum()) <= 30 * len(tokenizer.tokenize(text)), int((row > 0).sum())
     overlap = len(set(weights[0].topk(30).indices.tolist()) & set(weights[1].topk(30).indices.tolist()))
     assert overlap <= 5  # different texts, different leading terms
+    # A checkpoint that has its head keeps it untouched.
+    head = model.get_output_embeddings().bias.clone()
+    assert not start_missing_head(model, [], lambda: samples, terms_per_token=3)
+    assert torch.equal(model.get_output_embeddings().bias, head)

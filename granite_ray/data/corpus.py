@@ -71,7 +71,8 @@ class RecordLinesDatasource(FileBasedDatasource):
             "lineno": pa.array(numbers, type=pa.int64()),
         })
 
-    def _jsonl_lines(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+    @classmethod
+    def _jsonl_lines(cls, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         carry = b""
         lineno = 0
         lines: list[bytes] = []
@@ -87,20 +88,21 @@ class RecordLinesDatasource(FileBasedDatasource):
                     numbers.append(lineno)
                     size += len(part)
                 if len(lines) >= LINES_PER_BLOCK or size >= BYTES_PER_BLOCK:
-                    yield self._block(lines, numbers, path)
+                    yield cls._block(lines, numbers, path)
                     lines, numbers, size = [], [], 0
         if carry.strip():
             lines.append(carry)
             numbers.append(lineno + 1)
         if lines:
-            yield self._block(lines, numbers, path)
+            yield cls._block(lines, numbers, path)
 
-    def _parquet_lines(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+    @classmethod
+    def _parquet_lines(cls, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         row = 0
         for batch in pq.ParquetFile(f).iter_batches(batch_size=LINES_PER_BLOCK):
             records = batch.to_pylist()
             lines = [json.dumps(r, default=str, ensure_ascii=False).encode() for r in records]
-            yield self._block(lines, list(range(row + 1, row + 1 + len(lines))), path)
+            yield cls._block(lines, list(range(row + 1, row + 1 + len(lines))), path)
             row += len(lines)
 
 
@@ -155,6 +157,24 @@ def normalize_lines(batch: dict[str, np.ndarray], text_fields: list[str], id_fie
             ids.append(result[0])
             texts.append(result[1])
     return _finish(ids, texts, dropped, counter)
+
+
+def head_records(uri: str, count: int) -> list[dict]:
+    """The first `count` JSON records of one jsonl/parquet file (local or s3://), reading no further than
+    they need: sample rows, e.g. to calibrate a new model head before training."""
+    fs, path = storage.resolve(uri)
+    parquet = path.endswith(PARQUET_SUFFIXES)
+    records: list[dict] = []
+    with (fs.open_input_file(path) if parquet else fs.open_input_stream(path)) as f:
+        for block in (RecordLinesDatasource._parquet_lines if parquet else RecordLinesDatasource._jsonl_lines)(f, path):
+            for line, number in zip(block["line"].to_pylist(), block["lineno"].to_pylist()):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{uri}:{number}: not JSON ({err})") from None
+                if len(records) == count:
+                    return records
+    return records
 
 
 def resolve_files(paths: list[str], fmt: str = "auto", field: str = "data.paths") -> list[str]:

@@ -16,10 +16,11 @@ import numpy as np
 import ray
 from tokenizers import Tokenizer
 
-from granite_ray.config import PairDataConfig, split_label
+from granite_ray.config import PairDataConfig, PassageConfig, split_label
 from granite_ray.data.conversations import RowError, format_conversation
 from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
 from granite_ray.llm import object_column
+from granite_ray.passages import best_passages
 
 
 def query_text(query) -> str:
@@ -141,22 +142,29 @@ def teacher_ordered(record: dict) -> dict:
 
 class TokenizeLists:
     """Ray Data actor: raw lines -> "[CLS] query [SEP] passage [SEP]" pairs (ids and token types) for
-    the positive and `negatives` negatives in teacher-score order: the reranker's ranked lists."""
+    the positive and `negatives` negatives in teacher-score order: the reranker's ranked lists.
+    With `passages`, each candidate is first cut to its window that best matches the query."""
 
-    def __init__(self, tokenizer_json: str, config: dict, max_length: int, counter) -> None:
+    def __init__(self, tokenizer_json: str, config: dict, max_length: int, passages: dict | None, counter) -> None:
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length, strategy="only_second")
         self.max_length = max_length
         self.config = PairDataConfig(**config)
+        self.passages = PassageConfig(**passages) if passages else None
         self.counter = counter
+
+    def _passage(self, query: str, text: str) -> str:
+        if not self.passages:
+            return text
+        return best_passages(query, text, self.passages.words, self.passages.overlap_words)[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = parsed_rows(batch, lambda r: parse_pair(teacher_ordered(r), self.config.negatives, False), self.counter)
         cfg = self.config
         listed = [(cfg.query_prompt or "") + r["query"] for r in rows for _ in range(1 + cfg.negatives)]
         cut = self.max_length * CHARS_PER_TOKEN_BOUND
-        passages = [(cfg.passage_prompt or "") + p[:cut] for r in rows for p in [r["pos"], *r["negs"]]]
+        passages = [(cfg.passage_prompt or "") + self._passage(r["query"], p)[:cut] for r in rows for p in [r["pos"], *r["negs"]]]
         encodings = self.tokenizer.encode_batch_fast(list(zip(listed, passages)))
         n = 1 + cfg.negatives
         ids = [np.array(e.ids, dtype=np.int32) for e in encodings]

@@ -155,7 +155,9 @@ def sparse_search(queries: tuple[list, list], docs: tuple[list, list], k: int) -
 
 
 def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: EvalConfig) -> dict[str, dict[str, float]]:
-    """Each query's top rerank_top_k re-scored by the cross-encoder; the rest keep their order below them."""
+    """Each query's top rerank_top_k re-scored by the cross-encoder; the rest keep their order below them.
+    With rerank_passages, a document scores as its best window among those that best match the query."""
+    from granite_ray.passages import best_passages
     from granite_ray.rerank import Reranker
 
     top = {q: sorted(docs, key=docs.get, reverse=True) for q, docs in run.items()}
@@ -164,11 +166,20 @@ def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: E
     for batch in read_documents(dataset, config.read_tasks).iter_batches(batch_size=4096, batch_format="numpy"):
         texts.update((d, t) for d, t in zip(batch["id"], batch["text"]) if d in wanted)
     reranker = Reranker(config.reranker, config.rerank_max_length)
-    pairs = [(q, d) for q, ranked in top.items() for d in ranked[:config.rerank_top_k]]
-    scores = reranker.score([(dataset.queries[q], texts[d]) for q, d in pairs])
+    passages = config.rerank_passages
+    pairs, owners = [], []
+    for q, ranked in top.items():
+        for d in ranked[:config.rerank_top_k]:
+            query = dataset.queries[q]
+            windows = (best_passages(query, texts[d], passages.words, passages.overlap_words, passages.per_document)
+                       if passages else [texts[d]])
+            pairs.extend((query, w) for w in windows)
+            owners.extend([(q, d)] * len(windows))
+    log(f"{dataset.name}: reranking {len(owners)} query-passage pairs", TAG)
+    scores = reranker.score(pairs)
     reranked: dict[str, dict[str, float]] = {q: {} for q in top}
-    for (q, d), s in zip(pairs, scores):
-        reranked[q][d] = float(s)
+    for (q, d), s in zip(owners, scores):
+        reranked[q][d] = max(float(s), reranked[q].get(d, -math.inf))
     for q, ranked in top.items():
         floor = min(reranked[q].values(), default=0.0)
         for rank, d in enumerate(ranked[config.rerank_top_k:]):

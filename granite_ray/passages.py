@@ -1,0 +1,62 @@
+"""Long documents for cross-encoders: the passages of a document that best match a query.
+
+A reranker reads a few hundred tokens of a pair; a meeting transcript holds tens of thousands, and
+the part a question is about is rarely its beginning. Each document is cut into overlapping word
+windows, and its windows are ranked by BM25 (Robertson & Zaragoza 2009) against the query, with
+term statistics from that document's own windows, so no corpus pass is needed. The reranker then
+scores the best windows and a document takes its best window's score (MaxP, Dai & Callan 2019).
+Training picks the positive's and each negative's best window the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+WORDS = re.compile(r"\S+")
+TERMS = re.compile(r"\w+")
+
+
+def word_windows(text: str, words: int, overlap: int) -> list[str]:
+    """Windows of `words` whitespace-separated words, consecutive ones sharing `overlap` words; a text
+    that fits is one window, unchanged."""
+    if overlap >= words:
+        raise ValueError(f"passage overlap {overlap} must be below the passage length {words} words")
+    spans = [m.span() for m in WORDS.finditer(text)]
+    if len(spans) <= words:
+        return [text]
+    stride = words - overlap
+    starts = range(0, len(spans) - overlap, stride)
+    return [text[spans[s][0]:spans[min(s + words, len(spans)) - 1][1]] for s in starts]
+
+
+def _terms(text: str) -> list[str]:
+    return TERMS.findall(text.lower())
+
+
+def bm25_scores(query: str, passages: list[str], k1: float = 0.9, b: float = 0.4) -> list[float]:
+    """BM25 of the query against each passage, document frequencies counted over these passages
+    (Lucene's variant, without the constant (k1 + 1) factor; Anserini's default k1 and b)."""
+    counts = [Counter(_terms(p)) for p in passages]
+    lengths = [sum(c.values()) for c in counts]
+    average = sum(lengths) / len(lengths) or 1.0
+    n = len(passages)
+    scores = []
+    query_terms = set(_terms(query))
+    df = {t: sum(1 for c in counts if t in c) for t in query_terms}
+    idf = {t: math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in query_terms}
+    for c, length in zip(counts, lengths):
+        norm = k1 * (1 - b + b * length / average)
+        scores.append(sum(idf[t] * c[t] / (c[t] + norm) for t in query_terms if c[t]))
+    return scores
+
+
+def best_passages(query: str, text: str, words: int, overlap: int, count: int = 1) -> list[str]:
+    """The document's `count` windows that best match the query, best first (ties: earlier first)."""
+    windows = word_windows(text, words, overlap)
+    if len(windows) == 1:
+        return windows
+    scores = bm25_scores(query, windows)
+    order = sorted(range(len(windows)), key=lambda i: (-scores[i], i))
+    return [windows[i] for i in order[:count]]
