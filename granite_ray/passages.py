@@ -31,19 +31,19 @@ def word_windows(text: str, words: int, overlap: int) -> list[str]:
     return [text[spans[s][0]:spans[min(s + words, len(spans)) - 1][1]] for s in starts]
 
 
-def _terms(text: str) -> list[str]:
+def bm25_terms(text: str) -> list[str]:
     return TERMS.findall(text.lower())
 
 
 def bm25_scores(query: str, passages: list[str], k1: float = 0.9, b: float = 0.4) -> list[float]:
     """BM25 of the query against each passage, document frequencies counted over these passages
     (Lucene's variant, without the constant (k1 + 1) factor; Anserini's default k1 and b)."""
-    counts = [Counter(_terms(p)) for p in passages]
+    counts = [Counter(bm25_terms(p)) for p in passages]
     lengths = [sum(c.values()) for c in counts]
     average = sum(lengths) / len(lengths) or 1.0
     n = len(passages)
     scores = []
-    query_terms = set(_terms(query))
+    query_terms = set(bm25_terms(query))
     df = {t: sum(1 for c in counts if t in c) for t in query_terms}
     idf = {t: math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in query_terms}
     for c, length in zip(counts, lengths):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import SHARED_DATA
-from granite_ray.passages import _terms, best_passages, bm25_scores, word_windows
+from granite_ray.passages import bm25_terms, best_passages, bm25_scores, word_windows
 
 
 def _cranfield(limit: int) -> list[dict]:
@@ -21,9 +21,9 @@ def test_bm25_equals_bm25s_lucene():
 
     passages = [d["text"] for d in _cranfield(60)]
     retriever = bm25s.BM25(method="lucene", k1=0.9, b=0.4)
-    retriever.index([_terms(p) for p in passages], show_progress=False)
+    retriever.index([bm25_terms(p) for p in passages], show_progress=False)
     for query in ("boundary layer transition on a flat plate", "heat transfer at hypersonic speeds", "zzz unknown"):
-        theirs = retriever.get_scores(_terms(query))
+        theirs = retriever.get_scores(bm25_terms(query))
         assert bm25_scores(query, passages) == pytest.approx(list(theirs), rel=1e-5, abs=1e-6)
 
 

@@ -68,12 +68,12 @@ def sparse_encoder_files(vocab_size: int, max_seq_length: int, prompts: dict[str
 
 def start_missing_head(model: nn.Module, missing_keys: list[str], sample_sequences: Callable[[], list[list[int]]],
                        terms_per_token: float) -> bool:
-    """A checkpoint without an MLM head (e.g. a sentence-transformers BERT) gets one whose dense transform is
-    the identity and whose decoder is tied to the input embeddings, so each token's logits peak at its own and
-    related tokens; the decoder bias is then set so that a token of the sample texts activates about
-    `terms_per_token` terms (`sample_sequences` is read only then). A randomly drawn transform maps every text to the same few terms, and with no bias
-    every text activates nearly the whole vocabulary: distillation recovers from neither (on cranfield,
-    untrained all-MiniLM-L6-v2 scores NDCG@10 0.02 with bias 0 and 0.24 calibrated to ~3 terms per token).
+    """A checkpoint without an MLM head (e.g. a sentence-transformers BERT) gets one whose dense transform
+    is the identity and whose decoder is tied to the input embeddings, so each token's logits peak at its
+    own and related tokens; the decoder bias is then set so that a token of the sample texts (read only
+    then) activates about `terms_per_token` terms. A randomly drawn transform maps every text to the same
+    few terms, and with no bias every text activates nearly the whole vocabulary: distillation recovers
+    from neither (untrained all-MiniLM-L6-v2 on cranfield: NDCG@10 0.02 with bias 0, 0.24 calibrated).
     Returns whether a head was started."""
     started = False
     for name, module in model.named_modules():
