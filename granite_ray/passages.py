@@ -35,28 +35,42 @@ def bm25_terms(text: str) -> list[str]:
     return TERMS.findall(text.lower())
 
 
+class WindowIndex:
+    """A document's windows with their term counts, built once and searched by any number of queries
+    (in evaluation a document is a candidate of many queries)."""
+
+    def __init__(self, windows: list[str]) -> None:
+        self.windows = windows
+        self.counts = [Counter(bm25_terms(w)) for w in windows]
+        self.lengths = [sum(c.values()) for c in self.counts]
+        self.average = sum(self.lengths) / len(self.lengths) or 1.0
+
+    def scores(self, query: str, k1: float = 0.9, b: float = 0.4) -> list[float]:
+        """BM25 of the query against each window, document frequencies counted over these windows
+        (Lucene's variant, without the constant (k1 + 1) factor; Anserini's default k1 and b)."""
+        n = len(self.windows)
+        query_terms = set(bm25_terms(query))
+        df = {t: sum(1 for c in self.counts if t in c) for t in query_terms}
+        idf = {t: math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in query_terms}
+        scores = []
+        for c, length in zip(self.counts, self.lengths):
+            norm = k1 * (1 - b + b * length / self.average)
+            scores.append(sum(idf[t] * c[t] / (c[t] + norm) for t in query_terms if c[t]))
+        return scores
+
+    def best(self, query: str, count: int = 1) -> list[str]:
+        """The `count` windows that best match the query, best first (ties: earlier first)."""
+        if len(self.windows) == 1:
+            return self.windows
+        scores = self.scores(query)
+        order = sorted(range(len(self.windows)), key=lambda i: (-scores[i], i))
+        return [self.windows[i] for i in order[:count]]
+
+
 def bm25_scores(query: str, passages: list[str], k1: float = 0.9, b: float = 0.4) -> list[float]:
-    """BM25 of the query against each passage, document frequencies counted over these passages
-    (Lucene's variant, without the constant (k1 + 1) factor; Anserini's default k1 and b)."""
-    counts = [Counter(bm25_terms(p)) for p in passages]
-    lengths = [sum(c.values()) for c in counts]
-    average = sum(lengths) / len(lengths) or 1.0
-    n = len(passages)
-    scores = []
-    query_terms = set(bm25_terms(query))
-    df = {t: sum(1 for c in counts if t in c) for t in query_terms}
-    idf = {t: math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in query_terms}
-    for c, length in zip(counts, lengths):
-        norm = k1 * (1 - b + b * length / average)
-        scores.append(sum(idf[t] * c[t] / (c[t] + norm) for t in query_terms if c[t]))
-    return scores
+    return WindowIndex(passages).scores(query, k1, b)
 
 
 def best_passages(query: str, text: str, words: int, overlap: int, count: int = 1) -> list[str]:
-    """The document's `count` windows that best match the query, best first (ties: earlier first)."""
-    windows = word_windows(text, words, overlap)
-    if len(windows) == 1:
-        return windows
-    scores = bm25_scores(query, windows)
-    order = sorted(range(len(windows)), key=lambda i: (-scores[i], i))
-    return [windows[i] for i in order[:count]]
+    """The document's `count` windows that best match the query, best first."""
+    return WindowIndex(word_windows(text, words, overlap)).best(query, count)

@@ -157,7 +157,7 @@ def sparse_search(queries: tuple[list, list], docs: tuple[list, list], k: int) -
 def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: EvalConfig) -> dict[str, dict[str, float]]:
     """Each query's top rerank_top_k re-scored by the cross-encoder; the rest keep their order below them.
     With rerank_passages, a document scores as its best window among those that best match the query."""
-    from granite_ray.passages import best_passages
+    from granite_ray.passages import WindowIndex, word_windows
     from granite_ray.rerank import Reranker
 
     top = {q: sorted(docs, key=docs.get, reverse=True) for q, docs in run.items()}
@@ -167,12 +167,13 @@ def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: E
         texts.update((d, t) for d, t in zip(batch["id"], batch["text"]) if d in wanted)
     reranker = Reranker(config.reranker, config.rerank_max_length)
     passages = config.rerank_passages
+    indexes = {d: WindowIndex(word_windows(t, passages.words, passages.overlap_words)) for d, t in texts.items()} \
+        if passages else {}
     pairs, owners = [], []
     for q, ranked in top.items():
+        query = dataset.queries[q]
         for d in ranked[:config.rerank_top_k]:
-            query = dataset.queries[q]
-            windows = (best_passages(query, texts[d], passages.words, passages.overlap_words, passages.per_document)
-                       if passages else [texts[d]])
+            windows = indexes[d].best(query, passages.per_document) if passages else [texts[d]]
             pairs.extend((query, w) for w in windows)
             owners.extend([(q, d)] * len(windows))
     log(f"{dataset.name}: reranking {len(owners)} query-passage pairs", TAG)

@@ -118,7 +118,8 @@ class SparseObjective:
         return SpladeModel(model)
 
     def sample_sequences(self, rows: int = 8) -> list[list[int]]:
-        """Queries and positives of the first training rows, tokenized as training will see them."""
+        """Queries and positives of the first training rows, cut to the training budgets (no prompts:
+        they only set the bias scale)."""
         data = self.config.data
         first_file = resolve_files([split_label(data.datasets[0])[1]], field="data.datasets")[0]
         pairs = [parse_pair(record, 0, False) for record in head_records(first_file, rows)]
