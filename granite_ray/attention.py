@@ -97,14 +97,19 @@ def _equal_length_runs(cu_seq_lens: torch.Tensor) -> list[tuple[int, int, int]]:
 def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                         sliding_window: int | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
     """Rows flattened as flash-attn varlen sees them; each run of equal-length segments is one sdpa
-    call over views (no gathers). Plain sdpa when no lengths are given."""
+    call over views (no gathers). Plain sdpa when no lengths are given.
+
+    The runs are cut with one `split` (whose backward is one concatenation), not a slice per run,
+    whose backward would each fill and add a zero gradient the size of the whole batch."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, row_len, head_dim = query.shape
-    flat = [t.transpose(0, 1).reshape(heads, batch * row_len, head_dim) for t in (query, key, value)]
+    runs = _equal_length_runs(cu_seq_lens_q)
+    sizes = [count * length for _, count, length in runs]
+    pieces = [t.transpose(0, 1).reshape(heads, batch * row_len, head_dim).split(sizes, dim=1) for t in (query, key, value)]
     outputs = []
-    for start, count, length in _equal_length_runs(cu_seq_lens_q):
-        q, k, v = (t[:, start:start + count * length].reshape(heads, count, length, head_dim).transpose(0, 1) for t in flat)
+    for (_, count, length), *qkv in zip(runs, *pieces):
+        q, k, v = (t.reshape(heads, count, length, head_dim).transpose(0, 1) for t in qkv)
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=_band(length, sliding_window, q.device), dropout_p=dropout, scale=scaling)
         outputs.append(out.transpose(1, 2).reshape(count * length, heads, head_dim))

@@ -12,11 +12,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import MaskedLMOutput
 
 import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import ModelConfig, StageConfig, dump_config
+from granite_ray.losses.linear_cross_entropy import linear_cross_entropy
 from granite_ray.tokenizer import model_vocab_size
 
 CONFIG_FILE = "granite_ray.yaml"
@@ -92,16 +94,52 @@ def set_global_rope_theta(model: PreTrainedModel, theta: float) -> None:
     base.rotary_emb.__init__(model.config, device=next(model.parameters()).device)
 
 
-def build_mlm_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> ModernBertForMaskedLM:
+class _DecoderWithLoss(torch.nn.Linear):
+    """The MLM decoder; given targets it returns their fused cross-entropy instead of logits. Called
+    as a module so that sharding hooks (ZeRO-3, FSDP2) gather its weight as for the plain decoder."""
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden, self.weight, self.bias, targets)
+
+
+class ModernBertForFusedMLM(ModernBertForMaskedLM):
+    """ModernBertForMaskedLM for training: same weights under the same names, but the loss takes the
+    predicted positions' hidden states straight into a fused linear cross-entropy, so the
+    [predicted, vocab] logits are never materialised (half of the tiny preset's step when they are).
+    Artifacts are written as plain ModernBertForMaskedLM (`save_artifact`)."""
+
+    def __init__(self, config: ModernBertConfig) -> None:
+        super().__init__(config)
+        decoder = _DecoderWithLoss(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        decoder.weight, decoder.bias = self.decoder.weight, self.decoder.bias  # the same (tied) parameters
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs) -> MaskedLMOutput:
+        if labels is None:
+            return super().forward(input_ids=input_ids, **kwargs)
+        hidden = self.model(input_ids=input_ids, **kwargs)[0]
+        labels = labels.reshape(-1)
+        predicted = labels != self.sparse_pred_ignore_index
+        hidden = self.head(hidden.reshape(labels.shape[0], -1)[predicted])
+        return MaskedLMOutput(loss=self.decoder(hidden, labels[predicted]))
+
+
+def build_mlm_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, fused_loss: bool = False) -> ModernBertForMaskedLM:
+    """A ModernBERT MLM from the preset, or `init_from`; `fused_loss` gives its training form
+    (ModernBertForFusedMLM) where the checkpoint is a ModernBERT."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.init_from:
         with storage.local_copy(cfg.init_from) as path:
-            model = AutoModelForMaskedLM.from_pretrained(str(path), attn_implementation=attn, dtype=torch.float32)
+            fused = fused_loss and AutoConfig.from_pretrained(str(path)).model_type == "modernbert"
+            model = (ModernBertForFusedMLM if fused else AutoModelForMaskedLM).from_pretrained(
+                str(path), attn_implementation=attn, dtype=torch.float32)
         apply_stage_settings(model, cfg)
         return model
     config = modernbert_config(cfg, tokenizer)
     config._attn_implementation = attn
-    return ModernBertForMaskedLM(config)
+    return (ModernBertForFusedMLM if fused_loss else ModernBertForMaskedLM)(config)
 
 
 def sentence_transformers_files(hidden_size: int, max_seq_length: int) -> dict[str, bytes]:
@@ -144,5 +182,9 @@ def write_artifact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
 def save_artifact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: StageConfig, uri: str,
                   max_seq_length: int, extra_files: dict[str, bytes] | None = None) -> None:
     """An encoder artifact that SentenceTransformer(path) loads with CLS pooling."""
+    if isinstance(model, ModernBertForFusedMLM):  # saved under the class every loader knows
+        plain = ModernBertForMaskedLM(model.config)
+        plain.load_state_dict(model.state_dict())
+        model = plain
     write_artifact(model, tokenizer, config, uri,
                    {**sentence_transformers_files(model.config.hidden_size, max_seq_length), **(extra_files or {})})

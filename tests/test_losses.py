@@ -115,3 +115,33 @@ def test_plistmle_equals_sentence_transformers_plistmle_with_lambda_weight(minil
     ours = plistmle_loss(scores)
     assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
     torch.testing.assert_close(torch.autograd.grad(ours, scores)[0], torch.autograd.grad(expected, scores)[0], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias, chunk_rows, frozen_weight", [(True, None, False), (True, 7, False), (False, 16, True)])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(with_bias, chunk_rows, frozen_weight):
+    from granite_ray.losses.linear_cross_entropy import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 24, generator=g, requires_grad=True)
+    weight = (torch.randn(300, 24, generator=g) * 0.3).requires_grad_(not frozen_weight)
+    bias = torch.randn(300, generator=g, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 300, (50,), generator=g)
+    leaves = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets)
+    expected_grads = torch.autograd.grad(expected * 0.5, leaves)
+    ours = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows)
+    grads = torch.autograd.grad(ours * 0.5, leaves)  # the upstream gradient scales the precomputed ones
+    torch.testing.assert_close(ours, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_linear_cross_entropy_of_no_rows_is_zero_and_checks_its_targets():
+    from granite_ray.losses.linear_cross_entropy import linear_cross_entropy
+
+    hidden = torch.randn(0, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, torch.randn(20, 8), None, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 8)
+    with pytest.raises(ValueError, match="3 hidden rows but 2 targets"):
+        linear_cross_entropy(torch.randn(3, 8), torch.randn(20, 8), None, torch.zeros(2, dtype=torch.long))

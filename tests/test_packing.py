@@ -98,3 +98,38 @@ def test_mlm_masking_rates_and_specials(tokenizer):
     assert as_mask == pytest.approx(0.8, abs=0.01)
     assert kept == pytest.approx(0.1, abs=0.01)  # unchanged (plus ~0.05% random draws equal to the original)
     assert (inputs[~chosen] == ids[~chosen]).all()
+
+
+def test_fused_training_form_has_the_plain_models_loss_and_gradients(tokenizer, tmp_path):
+    """ModernBertForFusedMLM on packed rows through sdpa_varlen against HF's ModernBertForMaskedLM
+    through block-diagonal eager masks: same loss and gradients, and the artifact is the plain class."""
+    import json
+
+    from granite_ray.config import PretrainMLMConfig
+    from granite_ray.model import ModernBertForFusedMLM, save_artifact
+
+    torch.manual_seed(0)
+    plain = build_mlm_model(ModelConfig(preset="tiny", local_attention=16, attn_implementation="eager"), tokenizer)
+    fused = build_mlm_model(ModelConfig(preset="tiny", local_attention=16, attn_implementation="sdpa_varlen"), tokenizer,
+                            fused_loss=True)
+    assert isinstance(fused, ModernBertForFusedMLM) and type(plain).__name__ == "ModernBertForMaskedLM"
+    fused.load_state_dict(plain.state_dict())
+    assert fused.decoder.weight is fused.model.embeddings.tok_embeddings.weight  # still tied
+    docs = _encode(tokenizer, cranfield_texts(30))
+    packed = pack_segments(docs, [str(i) for i in range(30)], 160, tokenizer.cls_token_id,
+                           tokenizer.sep_token_id, tokenizer.pad_token_id)
+    ids = torch.as_tensor(packed["input_ids"], dtype=torch.long)
+    inputs, labels = mask_tokens(ids, ids != tokenizer.pad_token_id, 0.3, tokenizer.mask_token_id, 10, len(tokenizer),
+                                 generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name, model in (("plain", plain), ("fused", fused)):
+        impl = model.config._attn_implementation
+        kwargs = packed_model_inputs(packed["seq_lens"], ids.shape[1], impl, model.config.sliding_window)
+        losses[name] = model(input_ids=inputs, labels=labels, **kwargs).loss
+        losses[name].backward()
+    assert losses["fused"].item() == pytest.approx(losses["plain"].item(), rel=1e-5)
+    plain_grads = dict(plain.named_parameters())
+    for name, param in fused.named_parameters():
+        torch.testing.assert_close(param.grad, plain_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    save_artifact(fused, tokenizer, PretrainMLMConfig(), str(tmp_path / "artifact"), 160)
+    assert json.loads((tmp_path / "artifact" / "config.json").read_text())["architectures"] == ["ModernBertForMaskedLM"]

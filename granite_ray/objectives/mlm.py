@@ -26,7 +26,7 @@ class MLMObjective:
         self.attn_implementation = "sdpa"
 
     def build_model(self) -> torch.nn.Module:
-        model = build_mlm_model(self.config.model, self.tokenizer)
+        model = build_mlm_model(self.config.model, self.tokenizer, fused_loss=True)
         self.attn_implementation = model.config._attn_implementation
         self.half_window = model.config.sliding_window
         return model
