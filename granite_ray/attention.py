@@ -12,6 +12,7 @@ The padding at the end of a row is treated as one more segment, whose outputs ar
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -74,12 +75,23 @@ def packed_model_inputs(seq_lens: Sequence[Sequence[int]], row_len: int, attn_im
     return {"attention_mask": block_diagonal_masks(segments, half_window, additive), "position_ids": positions}
 
 
-def _band(length: int, sliding_window: int | None, device) -> torch.Tensor | None:
-    """ModernBERT passes sliding_window = half window + 1 (flash-attn's inclusive bound)."""
+def _band(length: int, sliding_window: int | None, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """Additive band mask (0 inside, -inf outside; sdpa would convert a boolean one on every call).
+    ModernBERT passes sliding_window = half window + 1 (flash-attn's inclusive bound). Masks of up
+    to 1024 tokens are cached (at most 128 of them): a packed batch asks for the same few lengths
+    in every sliding layer of every step."""
     if sliding_window is None or length <= sliding_window:
         return None
+    return (_cached_band if length <= 1024 else _band_mask)(length, sliding_window, dtype, device)
+
+
+def _band_mask(length: int, sliding_window: int, dtype: torch.dtype, device) -> torch.Tensor:
     idx = torch.arange(length, device=device)
-    return ((idx[:, None] - idx[None, :]).abs() < sliding_window)[None, None]
+    inside = (idx[:, None] - idx[None, :]).abs() < sliding_window
+    return torch.zeros((1, 1, length, length), dtype=dtype, device=device).masked_fill_(~inside, float("-inf"))
+
+
+_cached_band = functools.lru_cache(maxsize=128)(_band_mask)
 
 
 def _equal_length_runs(cu_seq_lens: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -111,7 +123,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     for (_, count, length), *qkv in zip(runs, *pieces):
         q, k, v = (t.reshape(heads, count, length, head_dim).transpose(0, 1) for t in qkv)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=_band(length, sliding_window, q.device), dropout_p=dropout, scale=scaling)
+            q, k, v, attn_mask=_band(length, sliding_window, q.dtype, q.device), dropout_p=dropout, scale=scaling)
         outputs.append(out.transpose(1, 2).reshape(count * length, heads, head_dim))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return out.reshape(batch, row_len, heads, head_dim), None
