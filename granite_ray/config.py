@@ -323,7 +323,9 @@ class MineNegativesConfig(StageConfig, EncoderPoolFields):
     ivf_probe: int = Field(32, gt=0)
     index_shards: int = Field(1, gt=0, description="faiss shards searched and merged (big corpora)")
     top_k: int = Field(100, gt=0)
-    margin: float = Field(0.95, gt=0, description="drop candidates scoring above margin x the positive's score")
+    margin: float | None = Field(0.95, gt=0, description=(
+        "drop candidates scoring above margin x the positive's score (likely false negatives); None: keep them all, "
+        "for judgements that are complete, or a mining model too weak to tell (it drops the hardest negatives)"))
     negatives: int = Field(3, gt=0, description="kept per query: 3 for distillation, 8 for the reranker")
     max_queries: int | None = Field(None, gt=0, description="mine for this many queries (the first by id): a sample")
     query_batch: int = Field(1024, gt=0)

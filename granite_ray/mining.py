@@ -3,7 +3,7 @@
 The corpus streams through the encoder actor pool; its embeddings go into a faiss index (flat or
 IVF, optionally in shards); queries are searched in batches, so no query x corpus matrix exists.
 Per query: drop its positives and every candidate scoring above margin x the (lowest) positive's
-score, a likely false negative; keep the `negatives` best of the rest. A second pass over the
+score, a likely false negative (`margin=null`: none); keep the `negatives` best of the rest. A second pass over the
 corpus fetches only the texts the output rows name.
 """
 
@@ -63,9 +63,11 @@ class ShardedIndex:
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def select_negatives(candidates: list[tuple[str, float]], positives: dict[str, float], margin: float, keep: int) -> list[tuple[str, float]]:
-    """Best-first candidates minus positives and anything above margin x the weakest positive's score."""
-    ceiling = margin * min(positives.values()) if positives else float("inf")
+def select_negatives(candidates: list[tuple[str, float]], positives: dict[str, float], margin: float | None,
+                     keep: int) -> list[tuple[str, float]]:
+    """Best-first candidates minus positives and anything above margin x the weakest positive's score
+    (no margin: minus positives only)."""
+    ceiling = margin * min(positives.values()) if positives and margin is not None else float("inf")
     return [(doc, score) for doc, score in candidates if doc not in positives and score <= ceiling][:keep]
 
 

@@ -138,3 +138,13 @@ def test_a_mining_sample_keeps_the_first_queries_by_id_with_their_judgements():
     assert list(sample.queries) == sorted(full.queries)[:10]
     assert sample.qrels == {q: full.qrels[q] for q in sample.queries} and all(sample.qrels.values())
     assert first_queries(sample, 10) == sample and first_queries(full, 10**6).queries.keys() == full.queries.keys()
+
+
+def test_negatives_without_a_margin_keep_the_hardest_candidates():
+    from granite_ray.mining import select_negatives
+
+    candidates = [("a", 0.9), ("p", 0.5), ("b", 0.48), ("c", 0.2), ("d", 0.1)]
+    assert select_negatives(candidates, {"p": 0.5}, 0.95, 2) == [("c", 0.2), ("d", 0.1)]  # a and b: likely false negatives
+    assert select_negatives(candidates, {"p": 0.5}, None, 2) == [("a", 0.9), ("b", 0.48)]
+    config = load_config(MineNegativesConfig, None, ["dataset=/d", "model=/m", "margin=null"])
+    assert config.margin is None
