@@ -124,6 +124,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(50, gt=0)
     max_failures: int = Field(0, ge=-1, description="worker failures tolerated before the run fails; -1: unlimited")
     drop_last: bool = Field(False, description="drop each worker's last, incomplete batch (in-batch negatives need equal batches)")
+    shuffle_buffer_rows: int = Field(0, ge=0, description=(
+        "shuffle rows through a buffer of this many (constant memory; seeded by seed and epoch, so stride sharding stays "
+        "reproducible); 0: stream order. Rows grouped in the files (e.g. one document's queries together) need it"))
 
     @model_validator(mode="after")
     def _fractions(self) -> "TrainConfig":
@@ -469,12 +472,17 @@ class RerankerConfig(StageConfig):
     max_length: int = Field(512, gt=8, description="tokens of a query-passage pair")
     passages: PassageConfig | None = Field(
         None, description="long documents: each candidate becomes its best-matching window (per_document is 1 here); None: its beginning")
+    ranked_positions: int | None = Field(None, gt=0, description=(
+        "list positions whose order PListMLE learns (None: all, the paper); 1: only that the positive comes first, for "
+        "negatives whose teacher order means nothing to the reranker (a teacher that saw other text than the pairs hold)"))
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _lists(self) -> "RerankerConfig":
         if self.data.negatives < 1:
             raise ValueError("data.negatives: a ranked list needs mined negatives (the paper uses 8)")
+        if self.ranked_positions is not None and self.ranked_positions > self.data.negatives + 1:
+            raise ValueError(f"ranked_positions {self.ranked_positions}: a list holds {self.data.negatives + 1} candidates")
         return self
 
 

@@ -117,6 +117,19 @@ def test_plistmle_equals_sentence_transformers_plistmle_with_lambda_weight(minil
     torch.testing.assert_close(torch.autograd.grad(ours, scores)[0], torch.autograd.grad(expected, scores)[0], atol=1e-7, rtol=1e-5)
 
 
+def test_plistmle_over_the_first_positions_only():
+    """ranked_positions=1 is cross-entropy with the positive as the class; k keeps the first k terms."""
+    from granite_ray.losses.plistmle import plistmle_loss
+
+    scores = torch.randn(5, 9, generator=torch.Generator().manual_seed(1))
+    top1 = torch.nn.functional.cross_entropy(scores, torch.zeros(5, dtype=torch.long))
+    assert plistmle_loss(scores, 1).item() == pytest.approx(top1.item(), rel=1e-6)
+    assert plistmle_loss(scores, 9).item() == pytest.approx(plistmle_loss(scores).item(), rel=1e-6)
+    # top-2: weights 255 and 127 (of 2^(9-i) - 1), renormalized
+    second = torch.nn.functional.cross_entropy(scores[:, 1:], torch.zeros(5, dtype=torch.long))
+    assert plistmle_loss(scores, 2).item() == pytest.approx(((255 * top1 + 127 * second) / 382).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("with_bias, chunk_rows, frozen_weight", [(True, None, False), (True, 7, False), (False, 16, True)])
 def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(with_bias, chunk_rows, frozen_weight):
     from granite_ray.losses.linear_cross_entropy import linear_cross_entropy

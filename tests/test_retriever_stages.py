@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SAMPLE, SHARED_DATA as DATA, cranfield_rows
-from granite_ray.config import ContrastiveConfig, DistillConfig, RetroMAEConfig, load_config
+from granite_ray.config import ContrastiveConfig, DistillConfig, RetroMAEConfig, TrainConfig, load_config
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +178,38 @@ def test_mixture_draws_the_same_dataset_on_every_worker_in_proportion_to_sqrt_si
                 yield {"source": np.array([self.name] * batch_size)}
 
     def draws(rank_seed_start):
-        stream = _mixed_batches({"big": Shard("big", 40), "small": Shard("small", 8)}, weights, 4, True, 7, rank_seed_start)
+        tc = TrainConfig(batch_size=4, drop_last=True, seed=7)
+        stream = _mixed_batches({"big": Shard("big", 40), "small": Shard("small", 8)}, weights, tc, rank_seed_start, 0)
         return [next(stream)["source"][0] for _ in range(2000)]
 
     first, again = draws(0), draws(0)
     assert first == again  # what every worker computes
     assert first[10:] == draws(10)[:-10]  # a resume at micro-batch 10 continues the same sequence
     assert first.count("small") / len(first) == pytest.approx(0.25, abs=0.03)
+
+
+def test_a_shuffle_buffer_permutes_rows_the_same_way_on_every_worker():
+    from granite_ray.train.loop import _epoch_batches
+
+    class Shard:  # the stream a worker's dataset shard gives, in file order
+        def iter_batches(self, batch_size, drop_last, **_):
+            for start in range(0, 200 - (batch_size - 1 if drop_last else 0), batch_size):
+                yield {"id": np.arange(start, min(start + batch_size, 200))}
+
+    def order(epoch, buffer, drop_last=False):
+        tc = TrainConfig(batch_size=16, seed=3, shuffle_buffer_rows=buffer, drop_last=drop_last)
+        batches = list(_epoch_batches(Shard(), tc, epoch))
+        assert all(len(b["id"]) == 16 for b in batches[:-1])
+        return [int(i) for b in batches for i in b["id"]]
+
+    first = order(0, 64)
+    assert sorted(first) == list(range(200))  # every row once
+    assert sum(a == b for a, b in zip(first, range(200))) < 20  # not file order
+    assert max(abs(position - row) for position, row in enumerate(first)) > 64  # rows travel beyond the buffer
+    assert order(0, 64) == first  # what each stride-sharded worker (and a resume) computes
+    assert order(1, 64) != first  # a new order each epoch
+    assert order(0, 0) == list(range(200))
+    assert len(order(0, 64, drop_last=True)) == 192  # 12 full batches of 16
 
 
 def test_retromae_decoder_loss_falls_on_real_text(ray_local, tmp_path, tiny_artifact):

@@ -77,7 +77,7 @@ class RerankerObjective:
 
     def loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         scores = model(inputs["sequences"], inputs["types"], inputs["device"])
-        return plistmle_loss(scores.view(inputs["rows"], -1))
+        return plistmle_loss(scores.view(inputs["rows"], -1), self.config.ranked_positions)
 
     def save_artifact(self, model: nn.Module, uri: str, extra_files: dict[str, bytes]) -> None:
         write_artifact(model.model, self.tokenizer, self.config, uri, extra_files)

@@ -114,26 +114,59 @@ def _forward_backward(objective, strategy, inputs: dict, scale: float, boundary:
     return loss.detach()
 
 
-def _mixed_batches(shards: dict, weights: dict[str, float], batch_size: int, drop_last: bool, seed: int, start: int):
+def _epoch_batches(shard, tc, epoch: int):
+    """One pass over a dataset shard in numpy batches, shuffled through `shuffle_buffer_rows` rows."""
+    batches = shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=2,
+                                 drop_last=tc.drop_last and not tc.shuffle_buffer_rows)
+    if not tc.shuffle_buffer_rows:
+        return batches
+    return _buffer_shuffled(batches, tc.shuffle_buffer_rows, tc.batch_size, tc.drop_last, np.random.default_rng([tc.seed, epoch]))
+
+
+def _buffer_shuffled(batches, buffer_rows: int, batch_size: int, drop_last: bool, rng: np.random.Generator):
+    """Each incoming batch joins a buffer, and as many rows leave it, drawn at random; at the end the
+    buffer drains in random order. Constant memory, and the same order wherever the same stream and
+    generator seed meet (every worker of a stride-sharded run, a resume)."""
+    pending: dict[str, np.ndarray] | None = None
+    for batch in batches:
+        pending = batch if pending is None else {k: np.concatenate([pending[k], batch[k]]) for k in batch}
+        excess = _rows(pending) - buffer_rows
+        if excess >= batch_size:
+            picked = rng.choice(_rows(pending), size=batch_size, replace=False)
+            kept = np.ones(_rows(pending), dtype=bool)
+            kept[picked] = False
+            yield {k: v[picked] for k, v in pending.items()}
+            pending = {k: v[kept] for k, v in pending.items()}
+    if pending is None:
+        return
+    order = rng.permutation(_rows(pending))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        if len(chunk) == batch_size or not drop_last:
+            yield {k: v[chunk] for k, v in pending.items()}
+
+
+def _mixed_batches(shards: dict, weights: dict[str, float], tc, start: int, epoch: int):
     """Endless micro-batches, each from one dataset drawn with `weights`; the draw for micro-batch
     i depends only on (seed, i), so every worker picks the same dataset at every step. A dataset
     that runs out starts its next epoch."""
     names = list(weights)
     probabilities = np.array([weights[n] for n in names])
     streams = {}
+    passes = dict.fromkeys(names, epoch)
     micro = start
     while True:
-        name = names[np.random.default_rng([seed, micro]).choice(len(names), p=probabilities)]
+        name = names[np.random.default_rng([tc.seed, micro]).choice(len(names), p=probabilities)]
         for _ in range(2):  # a dataset that ran out gets one restart
             if name not in streams:
-                streams[name] = iter(shards[name].iter_batches(batch_size=batch_size, batch_format="numpy",
-                                                               prefetch_batches=2, drop_last=drop_last))
+                streams[name] = iter(_epoch_batches(shards[name], tc, passes[name]))
             batch = next(streams[name], None)
             if batch is not None:
                 break
             del streams[name]
+            passes[name] += 1
         if batch is None:
-            raise RuntimeError(f"dataset {name!r} produced no batch of {batch_size} rows per worker")
+            raise RuntimeError(f"dataset {name!r} produced no batch of {tc.batch_size} rows per worker")
         micro += 1
         yield batch
 
@@ -199,11 +232,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while state["step"] < tc.max_steps:
         seen_batch = False
         if len(shards) > 1:
-            batches = _mixed_batches(shards, dataset_weights, tc.batch_size, tc.drop_last, tc.seed,
-                                     state["step"] * tc.grad_accum_steps)
+            batches = _mixed_batches(shards, dataset_weights, tc, state["step"] * tc.grad_accum_steps, state["epoch"])
         else:
-            batches = next(iter(shards.values())).iter_batches(batch_size=tc.batch_size, batch_format="numpy",
-                                                               prefetch_batches=2, drop_last=tc.drop_last)
+            batches = _epoch_batches(next(iter(shards.values())), tc, state["epoch"])
         if tc.data_sharding == "stride":
             # `epoch_rows` counts the rows all workers have trained on this epoch: a resume skips them.
             batches = _strided_batches(batches, rank, world, tc.batch_size, state["epoch_rows"])
