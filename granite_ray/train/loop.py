@@ -130,8 +130,7 @@ def _buffer_shuffled(batches, buffer_rows: int, batch_size: int, drop_last: bool
     pending: dict[str, np.ndarray] | None = None
     for batch in batches:
         pending = batch if pending is None else {k: np.concatenate([pending[k], batch[k]]) for k in batch}
-        excess = _rows(pending) - buffer_rows
-        if excess >= batch_size:
+        if _rows(pending) - buffer_rows >= batch_size:
             picked = rng.choice(_rows(pending), size=batch_size, replace=False)
             kept = np.ones(_rows(pending), dtype=bool)
             kept[picked] = False
