@@ -133,3 +133,15 @@ def test_fused_training_form_has_the_plain_models_loss_and_gradients(tokenizer, 
         torch.testing.assert_close(param.grad, plain_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     save_artifact(fused, tokenizer, PretrainMLMConfig(), str(tmp_path / "artifact"), 160)
     assert json.loads((tmp_path / "artifact" / "config.json").read_text())["architectures"] == ["ModernBertForMaskedLM"]
+
+
+def test_retromae_mlm_loss_is_the_same_fused_or_materialised(tokenizer):
+    from granite_ray.objectives.retromae import mlm_loss
+
+    torch.manual_seed(0)
+    plain = build_mlm_model(ModelConfig(preset="tiny"), tokenizer)
+    fused = build_mlm_model(ModelConfig(preset="tiny"), tokenizer, fused_loss=True)
+    fused.load_state_dict(plain.state_dict())
+    hidden = torch.randn(40, plain.config.hidden_size)
+    targets = torch.randint(0, len(tokenizer), (40,))
+    torch.testing.assert_close(mlm_loss(fused, hidden, targets), mlm_loss(plain, hidden, targets))

@@ -20,15 +20,17 @@ from torch import nn
 from granite_ray.attention import packed_model_inputs
 from granite_ray.config import RetroMAEConfig
 from granite_ray.data.masking import IGNORE_INDEX, mask_tokens
-from granite_ray.model import build_mlm_model, save_artifact
+from granite_ray.encoder import mlm_logits
+from granite_ray.model import ModernBertForFusedMLM, build_mlm_model, save_artifact
 from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
 
 
-def mlm_logits(mlm_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The MLM head of a ModernBERT or BERT masked-LM model on hidden states."""
-    if hasattr(mlm_model, "head"):
-        return mlm_model.decoder(mlm_model.head(hidden))
-    return mlm_model.cls(hidden)
+def mlm_loss(mlm_model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the masked-LM head at the predicted rows; fused (no vocabulary logits held)
+    for our ModernBERT training form, as in stages 1-3."""
+    if isinstance(mlm_model, ModernBertForFusedMLM):
+        return mlm_model.decoder(mlm_model.head(hidden), labels)
+    return F.cross_entropy(mlm_logits(mlm_model, hidden).float(), labels)
 
 
 class EnhancedDecoder(nn.Module):
@@ -72,11 +74,11 @@ class RetroMAEModel(nn.Module):
         hidden = self.encoder.base_model(input_ids=input_ids, **packed).last_hidden_state.reshape(-1, self.encoder.config.hidden_size)
         flat_labels = labels.reshape(-1)
         predicted = flat_labels != IGNORE_INDEX
-        encoder_loss = F.cross_entropy(mlm_logits(self.encoder, hidden[predicted]).float(), flat_labels[predicted])
+        encoder_loss = mlm_loss(self.encoder, hidden[predicted], flat_labels[predicted])
         target_embeddings = self.encoder.get_input_embeddings()(targets)
         decoded = self.decoder(hidden[cls_positions], target_embeddings, visible)
         rebuilt = target_labels != IGNORE_INDEX
-        decoder_loss = F.cross_entropy(mlm_logits(self.encoder, decoded[rebuilt]).float(), target_labels[rebuilt])
+        decoder_loss = mlm_loss(self.encoder, decoded[rebuilt], target_labels[rebuilt])
         return {"loss": encoder_loss + decoder_loss, "encoder_loss": encoder_loss.detach(), "decoder_loss": decoder_loss.detach()}
 
 
@@ -89,7 +91,7 @@ class RetroMAEObjective:
         self.parts = {"encoder_loss": 0.0, "decoder_loss": 0.0, "count": 0}
 
     def build_model(self) -> nn.Module:
-        encoder = build_mlm_model(self.config.model, self.tokenizer)
+        encoder = build_mlm_model(self.config.model, self.tokenizer, fused_loss=True)
         self.attn_implementation = encoder.config._attn_implementation
         self.half_window = getattr(encoder.config, "sliding_window", None) or 0
         self.layer_types = getattr(encoder.config, "layer_types", None)

@@ -104,6 +104,10 @@ def _rows(batch: dict[str, np.ndarray]) -> int:
     return len(next(iter(batch.values())))
 
 
+def _joined(pending: dict[str, np.ndarray] | None, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return batch if pending is None else {k: np.concatenate([pending[k], batch[k]]) for k in batch}
+
+
 def _forward_backward(objective, strategy, inputs: dict, scale: float, boundary: bool, autocast) -> torch.Tensor:
     """The scaled loss of one micro-batch, its gradients accumulated into the model."""
     if hasattr(objective, "forward_backward"):
@@ -129,7 +133,7 @@ def _buffer_shuffled(batches, buffer_rows: int, batch_size: int, drop_last: bool
     generator seed meet (every worker of a stride-sharded run, a resume)."""
     pending: dict[str, np.ndarray] | None = None
     for batch in batches:
-        pending = batch if pending is None else {k: np.concatenate([pending[k], batch[k]]) for k in batch}
+        pending = _joined(pending, batch)
         if _rows(pending) - buffer_rows >= batch_size:
             picked = rng.choice(_rows(pending), size=batch_size, replace=False)
             kept = np.ones(_rows(pending), dtype=bool)
@@ -184,8 +188,7 @@ def _strided_batches(batches, rank: int, world: int, batch_size: int, skip: int)
         seen += n
         if start == n:
             continue
-        batch = {k: v[start:] for k, v in batch.items()}
-        pending = batch if pending is None else {k: np.concatenate([pending[k], batch[k]]) for k in batch}
+        pending = _joined(pending, {k: v[start:] for k, v in batch.items()})
         while _rows(pending) >= group:
             yield {k: v[rank * batch_size:(rank + 1) * batch_size] for k, v in pending.items()}
             pending = {k: v[group:] for k, v in pending.items()}
