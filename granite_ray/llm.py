@@ -25,7 +25,8 @@ def resolved_backend(config: LLMConfig) -> str:
 
 def actor_resources(config: LLMConfig) -> dict:
     """Ray Data map_batches resources for one engine actor."""
-    if resolved_backend(config) == "vllm":
+    if resolved_backend(config) == "vllm" or (config.backend == "sentence-transformers" and ray.is_initialized()
+                                               and ray.cluster_resources().get("GPU", 0) > 0):
         return {"num_cpus": config.cpus_per_replica, "num_gpus": config.tensor_parallel_size}
     return {"num_cpus": config.cpus_per_replica}
 
@@ -53,6 +54,21 @@ def build_llm(config: LLMConfig, backend: str, **engine_kwargs):
     finally:
         if path != config.model:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def load_sentence_transformer(config: LLMConfig):
+    """The teacher as a SentenceTransformer on this actor's device and CPUs, cut at max_model_len tokens."""
+    import math
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(max(1, math.ceil(config.cpus_per_replica)))
+    with storage.local_copy(config.model) as folder:
+        model = SentenceTransformer(str(folder), device="cuda" if torch.cuda.is_available() else "cpu")
+    if config.max_model_len:
+        model.max_seq_length = min(config.max_model_len, model.max_seq_length or config.max_model_len)
+    return model
 
 
 SUMMARY_PROMPT = """Here is a table{title}.
@@ -126,29 +142,43 @@ class TeacherEmbedder:
 
     def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str) -> None:
         self.config = LLMConfig(**llm_config)
+        self.query_template = query_template
+        self.task = task
+        self.llm = self.sentence_transformer = None
+        if backend == "sentence-transformers":
+            self.sentence_transformer = load_sentence_transformer(self.config)
+            return
         kwargs = {"runner": "pooling"}
         if pooling != "auto":
             from vllm.config import PoolerConfig
 
             kwargs["pooler_config"] = PoolerConfig(pooling_type=pooling)
         self.llm = build_llm(self.config, backend, **kwargs)
-        self.query_template = query_template
-        self.task = task
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit vectors; texts are truncated to the engine's context as sentence-transformers truncates."""
+        if self.sentence_transformer is not None:
+            return self.sentence_transformer.encode(texts, batch_size=self.config.batch_size, normalize_embeddings=True,
+                                                    convert_to_numpy=True).astype(np.float32)
         limit = self.llm.llm_engine.model_config.max_model_len
         ids = self.llm.get_tokenizer()(texts, truncation=True, max_length=limit)["input_ids"]
         outputs = self.llm.embed([{"prompt_token_ids": t} for t in ids], use_tqdm=False)
         vectors = np.array([o.outputs.embedding for o in outputs], dtype=np.float32)
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
+    def embed_distinct(self, texts: list[str]) -> np.ndarray:
+        """Each distinct text embedded once: rows of one query (one per positive) repeat it and its negatives."""
+        distinct = list(dict.fromkeys(texts))
+        vectors = self.embed(distinct)
+        row_of = {text: i for i, text in enumerate(distinct)}
+        return vectors[[row_of[t] for t in texts]]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         queries = [self.query_template.format(query=q, task=self.task) for q in batch["query"]]
         candidates = [list(p) + list(n) for p, n in zip(batch["pos"], batch["neg"])]
         flat = [c for cs in candidates for c in cs]
-        q = self.embed(queries)
-        d = self.embed(flat) if flat else np.zeros((0, q.shape[1]), dtype=np.float32)
+        q = self.embed_distinct(queries)
+        d = self.embed_distinct(flat) if flat else np.zeros((0, q.shape[1]), dtype=np.float32)
         pos_scores, neg_scores, start = [], [], 0
         for i, (p, cs) in enumerate(zip(batch["pos"], candidates)):
             scores = (d[start:start + len(cs)] @ q[i]).astype(float).tolist()

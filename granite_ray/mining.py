@@ -4,7 +4,9 @@ The corpus streams through the encoder actor pool; its embeddings go into a fais
 IVF, optionally in shards); queries are searched in batches, so no query x corpus matrix exists.
 Per query: drop its positives and every candidate scoring above margin x the (lowest) positive's
 score, a likely false negative (`margin=null`: none); keep the `negatives` best of the rest. A second pass over the
-corpus fetches only the texts the output rows name.
+corpus fetches only the texts the output rows name. With `passages`, each long text is written as its
+word window that best matches the row's query (granite_ray.passages), the passage every later stage
+(teacher, student, reranker) then reads; `rows=per-positive` writes one row per judged positive.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from granite_ray import storage
 from granite_ray.config import MineNegativesConfig, dump_config
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.run import encode_dataset
+from granite_ray.passages import best_passages
 from granite_ray.runtime import init_ray, log
 
 TAG = "granite-ray mine"
@@ -110,14 +113,23 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
         for doc, text in zip(batch["id"], batch["text"]):
             if doc in wanted:
                 texts[doc] = text
+    passages = config.passages
     for r in rows:
-        r["pos"] = [texts[d] for d in r["pos_ids"]]
-        r["neg"] = [texts[d] for d in r["neg_ids"]]
+        def text(doc: str) -> str:
+            if passages is None:
+                return texts[doc]
+            return best_passages(r["query"], texts[doc], passages.words, passages.overlap_words)[0]
+        r["pos"] = [text(d) for d in r["pos_ids"]]
+        r["neg"] = [text(d) for d in r["neg_ids"]]
+    if config.rows == "per-positive":
+        rows = [r | {"pos_ids": [d], "pos": [t], "pos_mining_scores": [s]}
+                for r in rows for d, t, s in zip(r["pos_ids"], r["pos"], r["pos_mining_scores"])]
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     storage.write_bytes(storage.join(config.output_uri, "mined.jsonl"), body)
     short = sum(len(r["neg_ids"]) < config.negatives for r in rows)
-    stats = {"queries": len(rows), "documents": len(doc_ids), "negatives_per_query": config.negatives,
-             "queries_with_fewer_negatives": short, "margin": config.margin, "top_k": config.top_k}
+    stats = {"rows": len(rows), "queries": len({r["query_id"] for r in rows}), "documents": len(doc_ids), "negatives_per_query": config.negatives,
+             "rows_with_fewer_negatives": short, "margin": config.margin, "top_k": config.top_k,
+             "passage_words": passages.words if passages else None}
     storage.write_bytes(storage.join(config.output_uri, "stats.json"), json.dumps(stats, indent=2).encode())
     storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
     log(f"{len(rows)} rows written to {config.output_uri}/mined.jsonl ({short} with fewer than {config.negatives} negatives)", TAG)

@@ -7,7 +7,7 @@ import sys
 
 import ray
 
-from granite_ray.config import FORWARDED_ENV
+from granite_ray.config import FORWARDED_ENV, ConfigError
 from granite_ray.storage import apply_storage_env
 
 
@@ -15,16 +15,50 @@ def init_ray(config) -> None:
     """`config.ray_address`, else RAY_ADDRESS (set inside `ray job submit`), else a local Ray."""
     apply_storage_env(getattr(config, "storage", None))
     if ray.is_initialized():
-        return
-    if config.ray_address:
+        pass
+    elif config.ray_address:
         # A driver outside the cluster: its S3 settings travel with the job's workers.
         env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         ray.init(address=config.ray_address, runtime_env={"env_vars": env_vars} if env_vars else None)
     elif os.environ.get("RAY_ADDRESS"):
         ray.init()  # inside `ray job submit`: the job's runtime_env already applies
     else:
+        # An embedded Ray gets this machine's CPUs and GPUs: a stage that cannot fit is refused before it starts.
+        import torch
+
+        check_cluster_fits(config, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
         ray.init(address="local", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    check_cluster_fits(config, ray.cluster_resources())
+
+
+# The CPUs a stage's Ray Data steps need beside its workers or encoder actors: each read, parse and
+# tokenize step asks for a quarter CPU, and a pipeline of two of them must be able to run at once.
+DATA_PIPELINE_CPUS = 0.5
+
+
+def check_cluster_fits(config, resources: dict[str, float]) -> None:
+    """Refuse, before anything is scheduled, a stage whose training workers or encoder actors would leave
+    its data pipeline no CPU (Ray would wait forever), or that wants more GPUs than the cluster has."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    train = getattr(config, "train", None)
+    if train is not None and hasattr(train, "cpus_per_worker"):
+        wanted = train.num_workers * train.cpus_per_worker
+        if wanted > cpus - DATA_PIPELINE_CPUS:
+            fit = max(cpus - DATA_PIPELINE_CPUS, 0) / train.num_workers
+            raise ConfigError(f"train: {train.num_workers} worker(s) x {train.cpus_per_worker:g} CPUs = {wanted:g} of the "
+                              f"cluster's {cpus:g} CPUs leaves under {DATA_PIPELINE_CPUS:g} for the data pipeline, which "
+                              f"would wait forever: set train.cpus_per_worker <= {fit:g} (or fewer train.num_workers)")
+        if train.use_gpu and train.num_workers > gpus:
+            raise ConfigError(f"train: {train.num_workers} GPU worker(s) but the cluster has {gpus:g} GPUs: "
+                              f"set train.num_workers <= {gpus:g} or train.use_gpu=false")
+    if hasattr(config, "encode_actors"):
+        wanted = config.encode_actors * config.cpus_per_actor
+        if wanted > cpus - DATA_PIPELINE_CPUS:
+            fit = max(cpus - DATA_PIPELINE_CPUS, 0) / config.encode_actors
+            raise ConfigError(f"encode_actors x cpus_per_actor = {config.encode_actors} x {config.cpus_per_actor:g} = "
+                              f"{wanted:g} of the cluster's {cpus:g} CPUs leaves under {DATA_PIPELINE_CPUS:g} for reading, "
+                              f"which would wait forever: set cpus_per_actor <= {fit:g} (or fewer encode_actors)")
 
 
 def log(message: str, tag: str = "granite-ray") -> None:

@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from granite_ray.config import (ContrastiveConfig, RerankerConfig, DistillConfig, EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, RetroMAEConfig, ServeConfig, SparseConfig, SpeedConfig, StageConfig,
+from granite_ray.config import (ContrastiveConfig, RerankerConfig, DistillConfig, EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, RetroMAEConfig, ServeConfig, SparseConfig, SpeedConfig, SplitQueriesConfig, StageConfig,
                                 SummarizeTablesConfig, TeacherScoresConfig, TrainTokenizerConfig)
 from granite_ray.objectives.mlm import MLMObjective
 from granite_ray.objectives.retriever import ContrastiveObjective, DistillObjective
@@ -59,6 +59,8 @@ STAGES: dict[str, Stage] = {
                             help="teacher similarities for query/candidate rows by a vLLM pooling model"),
     "mine-negatives": Stage(MineNegativesConfig, "granite_ray.mining:run_mine_negatives",
                             help="hard negatives from an embedder's top-k with a false-negative margin (faiss)"),
+    "split-queries": Stage(SplitQueriesConfig, "granite_ray.splits:run_split_queries",
+                           help="a BEIR folder's judged queries split into train/dev/test by a seeded hash (disjoint)"),
     "merge": Stage(MergeConfig, "granite_ray.merge:run_merge",
                    help="weighted average of checkpoints of one architecture (LM-Cocktail), as a new artifact"),
     "speed": Stage(SpeedConfig, "granite_ray.speed:run_speed",

