@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import ray
 
 from granite_ray import storage
 from granite_ray.config import LLMConfig
+from granite_ray.runtime import log
 
 
 def resolved_backend(config: LLMConfig) -> str:
@@ -144,6 +146,7 @@ class TeacherEmbedder:
         self.config = LLMConfig(**llm_config)
         self.query_template = query_template
         self.task = task
+        self.rows, self.started, self.reported = 0, time.perf_counter(), time.perf_counter()
         self.llm = self.sentence_transformer = None
         if backend == "sentence-transformers":
             self.sentence_transformer = load_sentence_transformer(self.config)
@@ -185,6 +188,10 @@ class TeacherEmbedder:
             start += len(cs)
             pos_scores.append(scores[:len(p)])
             neg_scores.append(scores[len(p):])
+        self.rows += len(batch["query"])
+        if time.perf_counter() - self.reported > 30:  # progress on long work, in the job's log
+            self.reported = time.perf_counter()
+            log(f"{self.rows} rows scored by this teacher actor ({self.rows / (self.reported - self.started):.1f}/s)", "teacher-scores")
         return {"query": batch["query"], "pos": object_column([list(p) for p in batch["pos"]]),
                 "neg": object_column([list(n) for n in batch["neg"]]),
                 "pos_scores": object_column(pos_scores), "neg_scores": object_column(neg_scores)}

@@ -93,6 +93,23 @@ def test_paired_test_by_hand_and_against_scipy():
     assert ours["mean_difference"] == pytest.approx(float(np.mean(a - b)))
 
 
+def test_the_adapt_pipeline_resolves_offline_with_every_stage_reading_the_split(tmp_path, minilm_path):
+    import yaml
+
+    from granite_ray.config import PipelineConfig
+    from granite_ray.pipeline import resolve_stages
+
+    config = load_config(PipelineConfig, REPO / "configs" / "pipelines" / "adapt.yaml", [
+        f"output_uri={tmp_path}", f"working_dir={REPO}", f"variables.base={minilm_path}", f"variables.teacher_model={minilm_path}",
+        f"variables.reranker_base={minilm_path}"])
+    stages = {s.name: yaml.safe_load(s.config_yaml) for s in resolve_stages(config)}
+    assert (stages["mine"]["dataset"], stages["mine"]["split"]) == (str(tmp_path / "split"), "train")
+    assert stages["eval"]["split"] == "test" and stages["eval"]["datasets"] == [str(tmp_path / "split")]
+    assert stages["eval"]["reranked_models"] == ["merged"] and "merged + reranker:base" in stages["eval"]["compare"]
+    assert stages["distill"]["model"]["init_from"] == str(tmp_path / "contrastive")
+    assert {stages[s]["data"]["datasets"][0] for s in ("contrastive", "distill", "reranker")} == {str(tmp_path / "teacher" / "scores")}
+
+
 def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_ADDRESS": ""}  # the embedded local Ray: as many CPUs as the machine has
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
@@ -163,8 +180,8 @@ def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_
     config = load_config(PipelineConfig, REPO / "configs" / "pipelines" / "adapt.yaml", [
         f"output_uri={tmp_path / 'adapt'}", f"python={sys.executable}", f"working_dir={REPO}",
         f"variables.dataset={adi}", f"variables.general={adi}", f"variables.base={minilm_path}",
-        f"variables.teacher={teacher}", f"variables.reranker_base={minilm_path}", "variables.steps=3",
-        "variables.reranker_steps=3", "variables.cpus_per_actor=1", "variables.cpus_per_worker=1"])
+        f"variables.teacher_model={teacher}", f"variables.reranker_base={minilm_path}", "variables.steps=3",
+        "variables.distill_steps=3", "variables.reranker_steps=3", "variables.cpus_per_actor=1", "variables.cpus_per_worker=1"])
     with LocalHead(num_cpus=2) as head:
         run = PipelineRunner(config).run(head.address)
     out = tmp_path / "adapt"

@@ -332,6 +332,9 @@ def run_eval(config: EvalConfig) -> str:
     labels, uris = zip(*(split_label(m) for m in config.models))
     if len(set(labels)) != len(labels):
         raise ConfigError(f"models: labels {list(labels)} repeat; name them as label=path")
+    unknown = sorted(set(config.reranked_models or ()) - set(labels))
+    if unknown:
+        raise ConfigError(f"reranked_models: {unknown} are not among the models' labels {list(labels)}")
     results: dict[str, dict[str, dict]] = {}
     for label, model_uri in zip(labels, uris):
         results[label] = {}
