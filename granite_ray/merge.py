@@ -31,7 +31,14 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _weights_only(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors: integer buffers (BERT's saved `position_ids`) are not weights, and one
+    saver writes them where another does not."""
+    return {k: v for k, v in tensors.items() if v.is_floating_point()}
+
+
 def merge_tensors(checkpoints: list[dict[str, torch.Tensor]], weights: list[float], names: list[str]) -> dict[str, torch.Tensor]:
+    checkpoints = [_weights_only(c) for c in checkpoints]
     reference = checkpoints[0]
     for name, other in zip(names[1:], checkpoints[1:]):
         if other.keys() != reference.keys():

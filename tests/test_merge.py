@@ -60,3 +60,17 @@ def test_bad_recipes_fail_clearly(tmp_path, tokenizer):
         load_config(MergeConfig, None, [f"models=[{a},{a},{a}]", "weights=[0.5, 0.5]"])
     with pytest.raises(ValueError, match=r"has shape \(.*128.*\)"):
         _run([a, wide], None, tmp_path / "bad")
+
+
+def test_integer_buffers_one_saver_writes_are_not_weights():
+    """all-MiniLM-L6-v2's safetensors hold `embeddings.position_ids`; an artifact saved by transformers 5 does not."""
+    import torch
+
+    from granite_ray.merge import merge_tensors
+
+    with_ids = {"w": torch.ones(2, 2), "embeddings.position_ids": torch.arange(4)[None]}
+    without = {"w": torch.zeros(2, 2)}
+    merged = merge_tensors([without, with_ids], [0.25, 0.75], ["ours", "minilm"])
+    assert merged.keys() == {"w"} and torch.equal(merged["w"], torch.full((2, 2), 0.75))
+    with pytest.raises(ValueError, match="different weights"):
+        merge_tensors([without, {"v": torch.ones(2, 2)}], [0.5, 0.5], ["ours", "other"])

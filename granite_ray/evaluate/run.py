@@ -332,6 +332,9 @@ def run_eval(config: EvalConfig) -> str:
     labels, uris = zip(*(split_label(m) for m in config.models))
     if len(set(labels)) != len(labels):
         raise ConfigError(f"models: labels {list(labels)} repeat; name them as label=path")
+    missing = [u for u in [*uris, *([config.reranker] if config.reranker else [])] if not storage.exists(u)]
+    if missing:
+        raise ConfigError(f"no such model: {', '.join(missing)}")
     unknown = sorted(set(config.reranked_models or ()) - set(labels))
     if unknown:
         raise ConfigError(f"reranked_models: {unknown} are not among the models' labels {list(labels)}")
