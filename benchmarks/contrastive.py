@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_result
+from common import step_clock, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
@@ -76,7 +76,6 @@ def baseline(args, pairs: Path, work: Path) -> dict:
     from datasets import load_dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from transformers import TrainerCallback
 
     torch.set_num_threads(os.cpu_count())
     model = SentenceTransformer(minilm(), device="cpu")
@@ -85,14 +84,7 @@ def baseline(args, pairs: Path, work: Path) -> dict:
     (work / "st.jsonl").write_text("".join(json.dumps({"anchor": r["query"], "positive": r["pos"][0]}) + "\n" for r in rows))
     dataset = load_dataset("json", data_files=str(work / "st.jsonl"), split="train")
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_step_end(self, *_, **__):
-            self.marks.append(time.perf_counter())
-
-    clock = Clock()
+    clock = step_clock()
     trainer = SentenceTransformerTrainer(
         model=model, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model, scale=20.0),
         args=SentenceTransformerTrainingArguments(

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_result
+from common import step_clock, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 NEGATIVES, PASSAGE_LEN, QUERY_LEN, LR, TEMPERATURE = 3, 256, 64, 2e-5, 0.05
@@ -69,7 +69,6 @@ def theirs(args, rows: Path, work: Path) -> dict:
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.training_args import BatchSamplers
-    from transformers import TrainerCallback
 
     torch.set_num_threads(os.cpu_count())
     model = SentenceTransformer(minilm(), device="cpu")
@@ -82,14 +81,7 @@ def theirs(args, rows: Path, work: Path) -> dict:
                             for r in mined if r["neg"]))
     dataset = load_dataset("json", data_files=str(flat), split="train")
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_step_end(self, *_, **__):
-            self.marks.append(time.perf_counter())
-
-    clock = Clock()
+    clock = step_clock()
     started = time.perf_counter()
     trainer = SentenceTransformerTrainer(
         model=model, train_dataset=dataset, loss=MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE),

@@ -43,22 +43,21 @@ def check_cluster_fits(config, resources: dict[str, float]) -> None:
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     train = getattr(config, "train", None)
     if train is not None and hasattr(train, "cpus_per_worker"):
-        wanted = train.num_workers * train.cpus_per_worker
-        if wanted > cpus - DATA_PIPELINE_CPUS:
-            fit = max(cpus - DATA_PIPELINE_CPUS, 0) / train.num_workers
-            raise ConfigError(f"train: {train.num_workers} worker(s) x {train.cpus_per_worker:g} CPUs = {wanted:g} of the "
-                              f"cluster's {cpus:g} CPUs leaves under {DATA_PIPELINE_CPUS:g} for the data pipeline, which "
-                              f"would wait forever: set train.cpus_per_worker <= {fit:g} (or fewer train.num_workers)")
+        _leave_cpus_for_data(cpus, train.num_workers, train.cpus_per_worker, "train.num_workers", "train.cpus_per_worker")
         if train.use_gpu and train.num_workers > gpus:
             raise ConfigError(f"train: {train.num_workers} GPU worker(s) but the cluster has {gpus:g} GPUs: "
                               f"set train.num_workers <= {gpus:g} or train.use_gpu=false")
     if hasattr(config, "encode_actors"):
-        wanted = config.encode_actors * config.cpus_per_actor
-        if wanted > cpus - DATA_PIPELINE_CPUS:
-            fit = max(cpus - DATA_PIPELINE_CPUS, 0) / config.encode_actors
-            raise ConfigError(f"encode_actors x cpus_per_actor = {config.encode_actors} x {config.cpus_per_actor:g} = "
-                              f"{wanted:g} of the cluster's {cpus:g} CPUs leaves under {DATA_PIPELINE_CPUS:g} for reading, "
-                              f"which would wait forever: set cpus_per_actor <= {fit:g} (or fewer encode_actors)")
+        _leave_cpus_for_data(cpus, config.encode_actors, config.cpus_per_actor, "encode_actors", "cpus_per_actor")
+
+
+def _leave_cpus_for_data(cpus: float, count: int, each: float, count_field: str, each_field: str) -> None:
+    wanted = count * each
+    if wanted > cpus - DATA_PIPELINE_CPUS:
+        fit = max(cpus - DATA_PIPELINE_CPUS, 0) / count
+        raise ConfigError(f"{count_field} x {each_field} = {count} x {each:g} = {wanted:g} of the cluster's {cpus:g} CPUs "
+                          f"leaves under {DATA_PIPELINE_CPUS:g} for the data pipeline, which would wait forever: "
+                          f"set {each_field} <= {fit:g} (or fewer {count_field})")
 
 
 def log(message: str, tag: str = "granite-ray") -> None:

@@ -108,6 +108,12 @@ def test_the_adapt_pipeline_resolves_offline_with_every_stage_reading_the_split(
     assert stages["eval"]["reranked_models"] == ["merged"] and "merged + reranker:base" in stages["eval"]["compare"]
     assert stages["distill"]["model"]["init_from"] == str(tmp_path / "contrastive")
     assert {stages[s]["data"]["datasets"][0] for s in ("contrastive", "distill", "reranker")} == {str(tmp_path / "teacher" / "scores")}
+    # The demo reranks only the tiny retriever its reranker was trained for, not all-MiniLM-L6-v2.
+    demo = load_config(PipelineConfig, REPO / "configs" / "pipelines" / "demo.yaml", [
+        f"output_uri={tmp_path / 'demo'}", f"working_dir={REPO}", f"variables.minilm={minilm_path}",
+        f"variables.smollm2={minilm_path}", f"variables.data={SHARED_DATA}", f"variables.sample={REPO / 'data' / 'sample'}"])
+    demo_eval = next(yaml.safe_load(s.config_yaml) for s in resolve_stages(demo) if s.name == "eval")
+    assert demo_eval["reranked_models"] == ["granite-tiny"] and demo_eval["reranker"]
 
 
 def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
