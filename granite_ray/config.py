@@ -340,8 +340,8 @@ class MineNegativesConfig(StageConfig, EncoderPoolFields):
     negatives: int = Field(3, gt=0, description="kept per query: 3 for distillation, 8 for the reranker")
     max_queries: int | None = Field(None, gt=0, description="mine for this many queries (the first by id): a sample")
     rows: Literal["per-query", "per-positive"] = Field("per-query", description=(
-        "per-positive: one row for each judged positive, with the query's negatives (the training stages read "
-        "a row's first positive only)"))
+        "per-positive: one row for each judged positive, its negatives below margin x that positive's score (the "
+        "training stages read a row's first positive only); per-query: the margin is against the weakest positive"))
     passages: PassageConfig | None = Field(None, description=(
         "long documents: each positive and negative is written as its word window that best matches the query "
         "(BM25 within the document), so teacher and student read what retrieval by windows reads; None: whole texts"))

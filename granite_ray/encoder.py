@@ -139,13 +139,16 @@ def sentence_transformers_settings(folder: Path) -> dict:
             settings["pooling"] = "splade"
         elif kind.endswith("Pooling"):
             pooling = _read_json(folder / module["path"] / "config.json") or {}
-            for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
-                              ("pooling_mode_lasttoken", "lasttoken")):
-                if pooling.get(key):
-                    settings["pooling"] = name
-                    break
-            else:
+            # sentence-transformers 6 writes `pooling_mode` (a name, or a list of them); earlier versions one
+            # boolean key per mode.
+            mode = pooling.get("pooling_mode")
+            mode = mode[0] if isinstance(mode, list) and len(mode) == 1 else mode
+            if mode is None:
+                mode = next((name for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                                                    ("pooling_mode_lasttoken", "lasttoken")) if pooling.get(key)), None)
+            if mode not in ("cls", "mean", "lasttoken"):
                 raise ValueError(f"{folder}: pooling {pooling} is not supported (cls, mean or lasttoken)")
+            settings["pooling"] = mode
         elif kind.endswith("Normalize"):
             settings["normalize"] = True
     if bert := _read_json(folder / "sentence_bert_config.json"):

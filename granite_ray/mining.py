@@ -67,10 +67,12 @@ class ShardedIndex:
 
 
 def select_negatives(candidates: list[tuple[str, float]], positives: dict[str, float], margin: float | None,
-                     keep: int) -> list[tuple[str, float]]:
-    """Best-first candidates minus positives and anything above margin x the weakest positive's score
-    (no margin: minus positives only)."""
-    ceiling = margin * min(positives.values()) if positives and margin is not None else float("inf")
+                     keep: int, reference: float | None = None) -> list[tuple[str, float]]:
+    """Best-first candidates minus positives and anything above margin x the reference score: the row's
+    own positive's, else the weakest positive's (no margin: minus positives only)."""
+    if reference is None and positives:
+        reference = min(positives.values())
+    ceiling = margin * reference if reference is not None and margin is not None else float("inf")
     return [(doc, score) for doc, score in candidates if doc not in positives and score <= ceiling][:keep]
 
 
@@ -102,10 +104,13 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
                 continue
             positives = {d: float(docs[row_of[d]] @ q) for d in relevant}
             candidates = [(doc_ids[j], float(s)) for s, j in zip(s_row, i_row) if j >= 0]
-            negatives = select_negatives(candidates, positives, config.margin, config.negatives)
-            rows.append({"query_id": qid, "query": dataset.queries[qid], "pos_ids": list(positives),
-                         "neg_ids": [d for d, _ in negatives], "pos_mining_scores": list(positives.values()),
-                         "neg_mining_scores": [s for _, s in negatives]})
+            # One row per query (margin against its weakest positive), or per positive (against that one's score).
+            groups = [(list(positives), None)] if config.rows == "per-query" else [([d], s) for d, s in positives.items()]
+            for pos_ids, reference in groups:
+                negatives = select_negatives(candidates, positives, config.margin, config.negatives, reference)
+                rows.append({"query_id": qid, "query": dataset.queries[qid], "pos_ids": pos_ids,
+                             "neg_ids": [d for d, _ in negatives], "pos_mining_scores": [positives[d] for d in pos_ids],
+                             "neg_mining_scores": [s for _, s in negatives]})
     del docs, index
     wanted = {d for r in rows for d in r["pos_ids"] + r["neg_ids"]}
     texts = {}
@@ -121,9 +126,6 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
             return best_passages(r["query"], texts[doc], passages.words, passages.overlap_words)[0]
         r["pos"] = [text(d) for d in r["pos_ids"]]
         r["neg"] = [text(d) for d in r["neg_ids"]]
-    if config.rows == "per-positive":
-        rows = [r | {"pos_ids": [d], "pos": [t], "pos_mining_scores": [s]}
-                for r in rows for d, t, s in zip(r["pos_ids"], r["pos"], r["pos_mining_scores"])]
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     storage.write_bytes(storage.join(config.output_uri, "mined.jsonl"), body)
     short = sum(len(r["neg_ids"]) < config.negatives for r in rows)

@@ -146,5 +146,9 @@ def test_negatives_without_a_margin_keep_the_hardest_candidates():
     candidates = [("a", 0.9), ("p", 0.5), ("b", 0.48), ("c", 0.2), ("d", 0.1)]
     assert select_negatives(candidates, {"p": 0.5}, 0.95, 2) == [("c", 0.2), ("d", 0.1)]  # a and b: likely false negatives
     assert select_negatives(candidates, {"p": 0.5}, None, 2) == [("a", 0.9), ("b", 0.48)]
+    # Per positive: the margin is against that positive's own score, and every judged positive stays out.
+    both = {"p": 0.5, "a": 0.9}
+    assert select_negatives(candidates, both, 0.95, 2) == [("c", 0.2), ("d", 0.1)]  # against the weakest, 0.5
+    assert select_negatives(candidates, both, 0.95, 2, reference=0.9) == [("b", 0.48), ("c", 0.2)]
     config = load_config(MineNegativesConfig, None, ["dataset=/d", "model=/m", "margin=null"])
     assert config.margin is None

@@ -70,3 +70,15 @@ def test_speed_uses_the_papers_chunking_in_both_modes(tiny_artifact, tmp_path):
     assert results["packed"]["attn_implementation"] == "sdpa_varlen" and results["padded"]["attn_implementation"] == "sdpa"
     assert results["packed"]["documents_per_s"] > 0 and results["packed_over_padded"] > 0
     assert json.loads((tmp_path / "speed" / "speed.json").read_text())[label]["packed"]["chunks"] == expected
+
+
+def test_a_model_saved_by_sentence_transformers_6_loads_with_its_pooling(minilm_path, tmp_path):
+    """sentence-transformers 6 writes `pooling_mode: mean` where earlier versions wrote `pooling_mode_mean_tokens`."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(minilm_path, device="cpu")
+    model.save_pretrained(str(tmp_path / "st6"))
+    assert json.loads((tmp_path / "st6" / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "mean"
+    texts = cranfield_texts(6)
+    ours = Encoder(str(tmp_path / "st6")).encode_documents(texts)
+    assert np.allclose(ours, model.encode(texts), atol=1e-4)
