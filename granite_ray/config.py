@@ -751,6 +751,15 @@ class PipelineConfig(Section):
                                       "many stages (a data root, a teacher model), overridable as variables.name=...")
     stages: list[PipelineStage] = Field(min_length=1)
 
+    @field_validator("variables", mode="before")
+    @classmethod
+    def _text(cls, variables: Any) -> Any:
+        """`variables.steps=40` parses as a number; a variable is text pasted into overrides."""
+        if isinstance(variables, dict):
+            return {k: v if isinstance(v, str) or isinstance(v, (dict, list)) else ("" if v is None else str(v))
+                    for k, v in variables.items()}
+        return variables
+
     _absolute = field_validator("output_uri", "working_dir")(absolute_uri)
 
     @model_validator(mode="after")
