@@ -756,8 +756,7 @@ class PipelineConfig(Section):
     def _text(cls, variables: Any) -> Any:
         """`variables.steps=40` parses as a number; a variable is text pasted into overrides."""
         if isinstance(variables, dict):
-            return {k: v if isinstance(v, str) or isinstance(v, (dict, list)) else ("" if v is None else str(v))
-                    for k, v in variables.items()}
+            return {k: str(v) if isinstance(v, (int, float, bool)) else v for k, v in variables.items()}
         return variables
 
     _absolute = field_validator("output_uri", "working_dir")(absolute_uri)
