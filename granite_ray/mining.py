@@ -20,7 +20,7 @@ from granite_ray import storage
 from granite_ray.config import MineNegativesConfig, dump_config
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.run import encode_dataset
-from granite_ray.passages import best_passages
+from granite_ray.passages import WindowIndex, word_windows
 from granite_ray.runtime import init_ray, log
 
 TAG = "granite-ray mine"
@@ -119,13 +119,12 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
             if doc in wanted:
                 texts[doc] = text
     passages = config.passages
+    # A document's windows and term counts are built once, however many rows (queries, positives) name it.
+    indexes = {d: WindowIndex(word_windows(t, passages.words, passages.overlap_words)) for d, t in texts.items()} \
+        if passages else {}
     for r in rows:
-        def text(doc: str) -> str:
-            if passages is None:
-                return texts[doc]
-            return best_passages(r["query"], texts[doc], passages.words, passages.overlap_words)[0]
-        r["pos"] = [text(d) for d in r["pos_ids"]]
-        r["neg"] = [text(d) for d in r["neg_ids"]]
+        for field, ids in (("pos", r["pos_ids"]), ("neg", r["neg_ids"])):
+            r[field] = [indexes[d].best(r["query"])[0] if passages else texts[d] for d in ids]
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     storage.write_bytes(storage.join(config.output_uri, "mined.jsonl"), body)
     short = sum(len(r["neg_ids"]) < config.negatives for r in rows)
