@@ -3,7 +3,8 @@
 One interface, three mechanisms chosen by the model's attention implementation:
 - flash_attention_2 (GPU): no mask; cumulative segment lengths drive flash-attn's varlen kernel;
 - sdpa_varlen (CPU, and GPUs without flash-attn): the same cumulative lengths, each segment
-  attended alone by PyTorch sdpa, so attention costs sum(len^2) rather than rows x row_len^2;
+  attended alone by PyTorch sdpa, so attention costs sum(len^2) rather than rows x row_len^2
+  (causally for decoders, whose attention modules say `is_causal`);
 - sdpa / eager: block-diagonal 4D masks, one for global layers and one for ModernBERT's
   sliding-window layers (the reference the other two are tested against).
 Positions restart at 0 in every segment, so RoPE sees the same positions as unpacked input.
@@ -18,7 +19,7 @@ from typing import Sequence
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa_varlen")
 
@@ -115,7 +116,12 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     whose backward would each fill and add a zero gradient the size of the whole batch."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", False)
+    if causal and sliding_window is not None:
+        raise NotImplementedError("sdpa_varlen: causal attention with a sliding window; use flash_attention_2")
     batch, heads, row_len, head_dim = query.shape
+    if key.shape[1] != heads:  # grouped-query attention (Llama, Mistral): each key/value head serves several
+        key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
     runs = _equal_length_runs(cu_seq_lens_q)
     sizes = [count * length for _, count, length in runs]
     pieces = [t.transpose(0, 1).reshape(heads, batch * row_len, head_dim).split(sizes, dim=1) for t in (query, key, value)]
@@ -123,11 +129,22 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     for (_, count, length), *qkv in zip(runs, *pieces):
         q, k, v = (t.reshape(heads, count, length, head_dim).transpose(0, 1) for t in qkv)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=_band(length, sliding_window, q.dtype, q.device), dropout_p=dropout, scale=scaling)
+            q, k, v, attn_mask=_band(length, sliding_window, q.dtype, q.device), dropout_p=dropout, scale=scaling,
+            is_causal=bool(causal) and length > 1)
         outputs.append(out.transpose(1, 2).reshape(count * length, heads, head_dim))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return out.reshape(batch, row_len, heads, head_dim), None
 
 
 AttentionInterface.register("sdpa_varlen", sdpa_varlen_forward)
-AttentionMaskInterface.register("sdpa_varlen", sdpa_mask)  # padded (unpacked) batches take sdpa's masks
+def sdpa_varlen_mask(*args, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+                     **kwargs) -> torch.Tensor | None:
+    """sdpa's masks for padded batches and sliding windows. Without padding or a window there is none to
+    build: packed rows are kept apart by their lengths (a decoder would otherwise get a row x row mask
+    from its restarting positions), and a single sequence is attended with sdpa's own causal flag."""
+    if attention_mask is None and local_size is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, local_size=local_size, **kwargs)
+
+
+AttentionMaskInterface.register("sdpa_varlen", sdpa_varlen_mask)

@@ -487,6 +487,37 @@ class ContrastiveConfig(RetrieverStageConfig):
         return self
 
 
+class LoraSettings(Section):
+    """LoRA adapters (Hu et al. 2021) through peft, folded into the weights when the artifact is written."""
+
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | str = Field("all-linear", description="peft's names: all-linear, or e.g. [q_proj, v_proj]")
+
+
+class TrainTeacherConfig(ContrastiveConfig):
+    """R2 section 3.3: a decoder LLM trained as the embedder that teaches (e5-mistral's recipe): the task
+    instruction on queries, EOS appended to every text, its last-layer vector the embedding, GTE's loss with
+    in-batch negatives and optional hard negatives; LoRA or full weights."""
+
+    stage: Literal["train-teacher"] = "train-teacher"
+    task: str = "Given a web search query, retrieve relevant passages that answer the query"
+    query_template: str = Field("Instruct: {task}\nQuery: {query}", description="what teacher-scores sends; ends with {query}")
+    lora: LoraSettings | None = Field(default_factory=LoraSettings, description="None: train every weight")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (a 7B model on GPUs)")
+
+    @model_validator(mode="after")
+    def _query_prompt_from_template(self) -> "TrainTeacherConfig":
+        if not self.query_template.endswith("{query}"):
+            raise ValueError("query_template: must end with {query} (the instruction is the query's prefix)")
+        if self.data.query_prompt is None:
+            self.data.query_prompt = self.query_template.removesuffix("{query}").format(task=self.task)
+        if self.grad_cache_chunk and self.gradient_checkpointing:
+            raise ValueError("grad_cache_chunk and gradient_checkpointing: choose one way to save activation memory")
+        return self
+
+
 class DistillConfig(RetrieverStageConfig):
     """Stages 7-8: contrastive distillation from teacher scores, on passages or on conversations."""
 

@@ -17,6 +17,7 @@ import ray
 from granite_ray import storage
 from granite_ray.config import LLMConfig
 from granite_ray.runtime import log
+from granite_ray.tokenizer import with_eos
 
 
 def resolved_backend(config: LLMConfig) -> str:
@@ -150,6 +151,8 @@ class TeacherEmbedder:
         self.llm = self.sentence_transformer = None
         if backend == "sentence-transformers":
             self.sentence_transformer = load_sentence_transformer(self.config)
+            if any(getattr(module, "pooling_mode", None) == "lasttoken" for module in self.sentence_transformer):
+                with_eos(self.sentence_transformer.tokenizer)
             return
         kwargs = {"runner": "pooling"}
         if pooling != "auto":
@@ -157,6 +160,12 @@ class TeacherEmbedder:
 
             kwargs["pooler_config"] = PoolerConfig(pooling_type=pooling)
         self.llm = build_llm(self.config, backend, **kwargs)
+        # Last-token pooling reads EOS: appended wherever the teacher's tokenizer does not (e5-mistral's
+        # under transformers 5), else the last word of every text would be pooled instead.
+        pooled = self.llm.llm_engine.model_config.pooler_config.seq_pooling_type
+        self.eos = self.llm.get_tokenizer().eos_token_id if pooled == "LAST" else None
+        if pooled == "LAST" and self.eos is None:
+            raise ValueError(f"{self.config.model}: last-token pooling, but the tokenizer has no EOS token")
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit vectors; texts are truncated to the engine's context as sentence-transformers truncates."""
@@ -165,6 +174,8 @@ class TeacherEmbedder:
                                                     convert_to_numpy=True).astype(np.float32)
         limit = self.llm.llm_engine.model_config.max_model_len
         ids = self.llm.get_tokenizer()(texts, truncation=True, max_length=limit)["input_ids"]
+        if self.eos is not None:
+            ids = [t if t and t[-1] == self.eos else t[:limit - 1] + [self.eos] for t in ids]
         outputs = self.llm.embed([{"prompt_token_ids": t} for t in ids], use_tqdm=False)
         vectors = np.array([o.outputs.embedding for o in outputs], dtype=np.float32)
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

@@ -142,23 +142,26 @@ def build_mlm_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, fused_
     return (ModernBertForFusedMLM if fused_loss else ModernBertForMaskedLM)(config)
 
 
-def sentence_transformers_files(hidden_size: int, max_seq_length: int) -> dict[str, bytes]:
-    """sentence-transformers' Transformer + CLS Pooling layout (our encoders embed with CLS)."""
+def sentence_transformers_files(hidden_size: int, max_seq_length: int, pooling: str = "cls",
+                                prompts: dict[str, str] | None = None) -> dict[str, bytes]:
+    """sentence-transformers' Transformer + Pooling layout: CLS for our encoders; `lasttoken` (then
+    Normalize) for decoder teachers, whose query prompt is the instruction."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if pooling == "lasttoken":
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     files = {
-        "modules.json": [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ],
+        "modules.json": modules,
         "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
-        "config_sentence_transformers.json": {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None},
+        "config_sentence_transformers.json": {"similarity_fn_name": "cosine", "prompts": prompts or {}, "default_prompt_name": None},
         "1_Pooling/config.json": {
             "word_embedding_dimension": hidden_size,
-            "pooling_mode_cls_token": True,
+            "pooling_mode_cls_token": pooling == "cls",
             "pooling_mode_mean_tokens": False,
             "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False,
             "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": False,
+            "pooling_mode_lasttoken": pooling == "lasttoken",
             "include_prompt": True,
         },
     }

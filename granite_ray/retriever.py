@@ -15,11 +15,12 @@ import ray
 from transformers import AutoTokenizer
 
 from granite_ray import storage
-from granite_ray.config import RerankerConfig, RetrieverStageConfig
+from granite_ray.config import ContrastiveConfig, RerankerConfig, RetrieverStageConfig, TrainTeacherConfig
 from granite_ray.data.pairs import TokenizeLists, TokenizePairs, read_pairs, sampling_weights
 from granite_ray.encoder import sentence_transformers_settings, special_frame
 from granite_ray.pretrain import tokenizer_files
 from granite_ray.runtime import init_ray, log
+from granite_ray.tokenizer import with_eos
 from granite_ray.train.loop import run_training
 
 
@@ -27,6 +28,8 @@ def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
     init_ray(config)
     with storage.local_copy(config.model.init_from) as folder:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if isinstance(config, TrainTeacherConfig):  # the decoder pools EOS: every text must end with it
+            tokenizer = with_eos(tokenizer)
         prompts = sentence_transformers_settings(folder)["prompts"]
     data = config.data
     if data.query_prompt is None and prompts.get("query"):
@@ -38,7 +41,7 @@ def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
                                          config.passages.model_dump() if config.passages else None)
     else:
         tokenize, args = TokenizePairs, (tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), data.model_dump(),
-                                         config.stage != "contrastive")
+                                         not isinstance(config, ContrastiveConfig))
     datasets, sizes, counter = read_pairs(data, tokenize, args)
     weights = sampling_weights(sizes, data.sampling_power)
     log(f"{config.stage}: datasets {sizes} sampled with probabilities "

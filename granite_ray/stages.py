@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from granite_ray.config import (ContrastiveConfig, RerankerConfig, DistillConfig, EvalConfig, MergeConfig, MineNegativesConfig, PretrainMLMConfig, RetroMAEConfig, ServeConfig, SparseConfig, SpeedConfig, SplitQueriesConfig, StageConfig,
-                                SummarizeTablesConfig, TeacherScoresConfig, TrainTokenizerConfig)
+                                SummarizeTablesConfig, TeacherScoresConfig, TrainTeacherConfig, TrainTokenizerConfig)
 from granite_ray.objectives.mlm import MLMObjective
 from granite_ray.objectives.retriever import ContrastiveObjective, DistillObjective
 from granite_ray.objectives.reranker import RerankerObjective
 from granite_ray.objectives.retromae import RetroMAEObjective
 from granite_ray.objectives.sparse import SparseObjective
+from granite_ray.objectives.teacher import TeacherObjective
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ STAGES: dict[str, Stage] = {
                      help="stage 7: contrastive distillation from teacher scores over mined candidates"),
     "adapt-conversations": Stage(DistillConfig, "granite_ray.retriever:run_embedding_stage", DistillObjective,
                                  help="stage 8: distillation on multi-turn conversations (most recent turn first)"),
+    "train-teacher": Stage(TrainTeacherConfig, "granite_ray.retriever:run_embedding_stage", TeacherObjective,
+                           help="the teacher (R2 3.3): a decoder LLM as embedder, instruction + EOS + last-token pooling, LoRA"),
     "train-reranker": Stage(RerankerConfig, "granite_ray.retriever:run_embedding_stage", RerankerObjective,
                             help="cross-encoder reranker: PListMLE over the positive and mined negatives in teacher order"),
     "train-sparse": Stage(SparseConfig, "granite_ray.retriever:run_embedding_stage", SparseObjective,

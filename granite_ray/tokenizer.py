@@ -52,6 +52,29 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, uri: str) -> None:
         storage.upload_dir(tmp, uri)
 
 
+def appends_eos(tokenizer) -> bool:
+    """Whether encoding a text ends with EOS (last-token pooling reads that position)."""
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.eos_token_id is not None and bool(ids) and ids[-1] == tokenizer.eos_token_id
+
+
+def with_eos(tokenizer):
+    """The tokenizer made to append EOS to every text (e5-mistral's embedders pool it); its saved
+    tokenizer.json then does the same for sentence-transformers and vLLM. Unchanged if it already does."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__}: no EOS token, which last-token pooling needs")
+    if appends_eos(tokenizer):
+        return tokenizer
+    eos, bos = tokenizer.eos_token, tokenizer.bos_token
+    prefix = f"{bos} " if bos is not None and tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id else ""
+    specials = [(eos, tokenizer.eos_token_id)] + ([(bos, tokenizer.bos_token_id)] if prefix else [])
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{prefix}$A {eos}", pair=f"{prefix}$A {eos} $B:1 {eos}:1", special_tokens=specials)
+    if not appends_eos(tokenizer):
+        raise ValueError(f"{type(tokenizer).__name__}: cannot make it append EOS")
+    return tokenizer
+
+
 def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
     """Embedding rows: the tokenizer's size rounded up to a multiple of 64 (50,368 for the paper's)."""
     return -(-len(tokenizer) // 64) * 64

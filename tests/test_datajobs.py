@@ -41,13 +41,6 @@ def test_malformed_tables_say_why(value, reason):
         parse_table(value)
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    from granite_ray.checkpoints import smollm2_checkpoint
-
-    return str(smollm2_checkpoint(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"))
-
-
 def test_smollm2_summaries_for_real_tables_in_vllm_with_bad_rows_skipped(ray_local, tmp_path, smollm2):
     from granite_ray.datajobs import run_summarize_tables
 

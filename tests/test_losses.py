@@ -96,6 +96,30 @@ def test_in_batch_copies_of_a_positive_are_not_negatives():
     assert plain.item() > ours.item() + 1e-3  # unmasked, a copy scores exactly as high as the positive
 
 
+def test_rows_asking_the_same_query_do_not_negate_each_others_positives():
+    """Rows 0 and 1 ask one query (one row per judged positive): each one's positive is masked for the
+    other, in q->d, and the other copy of the query is masked in q->q and d->q."""
+    q, p, n = _embeddings(batch=4, negatives=1)
+    q = torch.cat([q[:1], q[:1], q[2:]]).detach()
+    pos_ids, neg_ids, query_ids = torch.tensor([5, 6, 7, 8]), torch.tensor([[1], [2], [3], [4]]), torch.tensor([0, 0, 1, 2])
+    ours = improved_contrastive_loss(q, p, n, temperature=0.05, query_query=True, doc_query=True,
+                                     doc_ids=(pos_ids, neg_ids, query_ids))
+    qn, pn = (torch.nn.functional.normalize(t, dim=-1) for t in (q, p))
+    docs = torch.nn.functional.normalize(torch.cat([p, n[:, 0]]), dim=-1)
+    logits = torch.cat([qn @ docs.T, qn @ qn.T, pn @ qn.T], dim=1) / 0.05
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    keep[0, 1] = keep[1, 0] = False  # q->d: the other row's positive answers the same query
+    for i in range(4):
+        keep[i, 8 + i] = False  # q->q: a query itself
+    keep[0, 9] = keep[1, 8] = False  # q->q: the other copy of the same query
+    keep[0, 13] = keep[1, 12] = False  # d->q: the positive against the other copy of its query
+    expected = torch.stack([torch.logsumexp(logits[i][keep[i]], 0) - logits[i, i] for i in range(4)]).mean()
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+    without_queries = improved_contrastive_loss(q, p, n, temperature=0.05, query_query=True, doc_query=True,
+                                                doc_ids=(pos_ids, neg_ids))
+    assert without_queries.item() > ours.item() + 1e-3
+
+
 def test_plistmle_equals_sentence_transformers_plistmle_with_lambda_weight(minilm_path):
     """Same scores through ST's PListMLELoss (its model stubbed by a module returning our logits)."""
     from sentence_transformers.cross_encoder import CrossEncoder

@@ -4,7 +4,7 @@ import torch
 from conftest import cranfield_texts
 from granite_ray.attention import packed_model_inputs
 from granite_ray.config import ModelConfig
-from granite_ray.data.masking import IGNORE_INDEX, mask_tokens
+from granite_ray.data.masking import IGNORE_INDEX, mask_tokens, replacement_ids
 from granite_ray.data.packing import pack_segments
 from granite_ray.model import build_mlm_model
 
@@ -88,7 +88,7 @@ def test_mlm_masking_rates_and_specials(tokenizer):
     ids[:, 0] = tokenizer.cls_token_id
     ids[:, -40:] = tokenizer.pad_token_id
     maskable = ids >= 10
-    inputs, labels = mask_tokens(ids, maskable, 0.3, tokenizer.mask_token_id, 10, 2000, generator=g)
+    inputs, labels = mask_tokens(ids, maskable, 0.3, tokenizer.mask_token_id, torch.arange(10, 2000), generator=g)
     chosen = labels != IGNORE_INDEX
     assert not chosen[~maskable].any()  # [CLS]/[PAD] never masked
     assert chosen.sum().item() / maskable.sum().item() == pytest.approx(0.3, abs=0.01)
@@ -98,6 +98,31 @@ def test_mlm_masking_rates_and_specials(tokenizer):
     assert as_mask == pytest.approx(0.8, abs=0.01)
     assert kept == pytest.approx(0.1, abs=0.01)  # unchanged (plus ~0.05% random draws equal to the original)
     assert (inputs[~chosen] == ids[~chosen]).all()
+
+
+def test_random_replacements_are_real_tokens_when_the_specials_sit_at_the_top():
+    """ModernBERT's tokenizer puts its specials at 50281-50284, above every real token: an id range
+    "above the highest special" would hold no token at all. The replacements are real tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(40)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    top = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    assert min(top.all_special_ids) >= len(words)  # the specials come after the words
+    pool = replacement_ids(top)
+    assert sorted(pool.tolist()) == list(range(len(words)))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(words), (32, 256), generator=g)
+    inputs, labels = mask_tokens(ids, torch.ones_like(ids, dtype=torch.bool), 0.5, top.mask_token_id, pool, generator=g)
+    replaced = (labels != IGNORE_INDEX) & (inputs != top.mask_token_id) & (inputs != ids)
+    assert replaced.sum() > 300 and (inputs[replaced] < len(words)).all()
+    from granite_ray.config import PretrainMLMConfig
+    from granite_ray.objectives.mlm import MLMObjective
+
+    assert torch.equal(MLMObjective(PretrainMLMConfig(), top).replacements, pool)  # what pretraining draws from
 
 
 def test_fused_training_form_has_the_plain_models_loss_and_gradients(tokenizer, tmp_path):
@@ -119,7 +144,7 @@ def test_fused_training_form_has_the_plain_models_loss_and_gradients(tokenizer, 
     packed = pack_segments(docs, [str(i) for i in range(30)], 160, tokenizer.cls_token_id,
                            tokenizer.sep_token_id, tokenizer.pad_token_id)
     ids = torch.as_tensor(packed["input_ids"], dtype=torch.long)
-    inputs, labels = mask_tokens(ids, ids != tokenizer.pad_token_id, 0.3, tokenizer.mask_token_id, 10, len(tokenizer),
+    inputs, labels = mask_tokens(ids, ids != tokenizer.pad_token_id, 0.3, tokenizer.mask_token_id, replacement_ids(tokenizer),
                                  generator=torch.Generator().manual_seed(1))
     losses = {}
     for name, model in (("plain", plain), ("fused", fused)):

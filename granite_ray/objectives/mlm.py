@@ -11,7 +11,7 @@ import torch
 
 from granite_ray.attention import packed_model_inputs
 from granite_ray.config import PretrainMLMConfig
-from granite_ray.data.masking import mask_tokens
+from granite_ray.data.masking import mask_tokens, replacement_ids
 from granite_ray.model import build_mlm_model, save_artifact
 from granite_ray.tokenizer import SPECIAL_TOKENS
 from granite_ray.train.metrics import encoder_flops_per_token
@@ -22,6 +22,7 @@ class MLMObjective:
         self.config = config
         self.tokenizer = tokenizer
         self.special_ids = torch.tensor(sorted(tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS.values()))))
+        self.replacements = replacement_ids(tokenizer)
         self.generator = torch.Generator().manual_seed(config.train.seed)
         self.attn_implementation = "sdpa"
 
@@ -42,8 +43,8 @@ class MLMObjective:
         ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
         maskable = ~torch.isin(ids, self.special_ids)
         inputs, labels = mask_tokens(
-            ids, maskable, self.config.data.mlm_probability, self.tokenizer.mask_token_id,
-            random_low=int(self.special_ids.max()) + 1, random_high=len(self.tokenizer), generator=self.generator,
+            ids, maskable, self.config.data.mlm_probability, self.tokenizer.mask_token_id, self.replacements,
+            generator=self.generator,
         )
         kwargs = packed_model_inputs(batch["seq_lens"], ids.shape[1], self.attn_implementation, self.half_window, device)
         return {"input_ids": inputs.to(device), "labels": labels.to(device), **kwargs,

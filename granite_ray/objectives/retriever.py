@@ -99,8 +99,9 @@ class EmbeddingObjective:
             sequences += [list(n) for negs in batch["negs"] for n in negs]
         tokens = sum(len(s) for s in sequences)
         # A passage's identity is its token ids: in-batch copies of a query's positive are not its negatives.
-        passage_ids = torch.tensor([hash(tuple(s)) for s in sequences[rows:]], dtype=torch.int64, device=device)
-        inputs = {"sequences": sequences, "rows": rows, "device": device, "passage_ids": passage_ids,
+        # A query's identity too: rows asking the same query (one per judged positive) never negate each other's positives.
+        text_ids = torch.tensor([hash(tuple(s)) for s in sequences], dtype=torch.int64, device=device)
+        inputs = {"sequences": sequences, "rows": rows, "device": device, "passage_ids": text_ids[rows:], "query_ids": text_ids[:rows],
                   "_tokens": tokens, "_slots": tokens}
         if "scores" in batch:
             inputs["teacher"] = torch.as_tensor(np.stack(batch["scores"]), dtype=torch.float32, device=device)
@@ -133,16 +134,16 @@ class ContrastiveObjective(EmbeddingObjective):
             parts = [self.split(block, rows) for block in gather(embeddings)]
             q, pos = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             negs = torch.cat([p[2] for p in parts]) if self.negatives else None
-            ids = gather(ids)
+            ids, query_ids = gather(ids), gather(inputs["query_ids"]).reshape(-1)
         else:
             q, pos, negs = self.split(embeddings, rows)
-            ids = ids[None]
+            ids, query_ids = ids[None], inputs["query_ids"]
         pos_ids = ids[:, :rows].reshape(-1)
         neg_ids = ids[:, rows:].reshape(-1, self.negatives) if self.negatives else None
         c = self.config
         return improved_contrastive_loss(q, pos, negs, temperature=c.temperature, query_query=c.query_query,
                                          doc_query=c.doc_query, doc_doc=c.doc_doc,
-                                         doc_ids=(pos_ids, neg_ids) if c.mask_duplicate_positives else None)
+                                         doc_ids=(pos_ids, neg_ids, query_ids) if c.mask_duplicate_positives else None)
 
     def forward_backward(self, strategy, inputs: dict, scale: float, boundary: bool, autocast) -> torch.Tensor:
         """With grad_cache_chunk (GradCache, Gao et al. 2021): embed all texts without a graph, take the

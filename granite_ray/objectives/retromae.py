@@ -19,7 +19,7 @@ from torch import nn
 
 from granite_ray.attention import packed_model_inputs
 from granite_ray.config import RetroMAEConfig
-from granite_ray.data.masking import IGNORE_INDEX, mask_tokens
+from granite_ray.data.masking import IGNORE_INDEX, mask_tokens, replacement_ids
 from granite_ray.encoder import mlm_logits
 from granite_ray.model import ModernBertForFusedMLM, build_mlm_model, save_artifact
 from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
@@ -87,6 +87,7 @@ class RetroMAEObjective:
         self.config = config
         self.tokenizer = tokenizer
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        self.replacements = replacement_ids(tokenizer)
         self.generator = torch.Generator().manual_seed(config.train.seed)
         self.parts = {"encoder_loss": 0.0, "decoder_loss": 0.0, "count": 0}
 
@@ -112,8 +113,7 @@ class RetroMAEObjective:
         lens = [len(e) for e in encoded]
         ids = torch.from_numpy(np.concatenate(encoded))[None]
         inputs, labels = mask_tokens(ids, ~torch.isin(ids, self.special_ids), self.config.data.mlm_probability,
-                                     self.tokenizer.mask_token_id, random_low=int(self.special_ids.max()) + 1,
-                                     random_high=len(self.tokenizer), generator=self.generator)
+                                     self.tokenizer.mask_token_id, self.replacements, generator=self.generator)
         packed = packed_model_inputs([lens], ids.shape[1], self.attn_implementation, self.half_window, device)
         if not self.layer_types:
             packed.pop("attention_mask")

@@ -31,6 +31,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from granite_ray import storage
 from granite_ray.config import StageConfig
@@ -41,14 +42,13 @@ from granite_ray.train.parallel import STRATEGIES
 
 def _objective_for(config_tree: dict, tokenizer_files: dict[str, bytes]):
     from granite_ray.stages import STAGES
-    from granite_ray.tokenizer import load_tokenizer
 
     stage = STAGES[config_tree["stage"]]
     config = stage.config_cls.model_validate(config_tree)
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in tokenizer_files.items():
             (Path(tmp) / name).write_bytes(data)
-        tokenizer = load_tokenizer(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)  # the stage's entry checked it (MLM's special tokens)
     return config, stage.objective_cls(config, tokenizer)
 
 
