@@ -37,7 +37,7 @@ def packed_hidden_states(model: torch.nn.Module, batch: Sequence[Sequence[int]],
     if token_type_ids is not None:
         extra["token_type_ids"] = torch.tensor([int(t) for s in token_type_ids for t in s], dtype=torch.long, device=device)[None]
     starts = torch.cumsum(lens, 0) - lens
-    positions = (torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens))[None].to(device)
+    positions = (torch.arange(int(lens.sum())) - torch.repeat_interleave(starts, lens) + first_position(model))[None].to(device)
     cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(device)
     longest = int(lens.max())
     # Models with per-layer-type masks (ModernBERT) would otherwise build L x L masks for the row.
@@ -45,6 +45,15 @@ def packed_hidden_states(model: torch.nn.Module, batch: Sequence[Sequence[int]],
     hidden = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                    max_length_q=longest, max_length_k=longest, **masks, **extra).last_hidden_state[0]
     return hidden, lens
+
+
+def first_position(model: torch.nn.Module) -> int:
+    """The position id of a text's first token: RoBERTa and XLM-R count from padding_idx + 1 (their
+    absolute position table reserves the rows below), every other encoder from 0."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    if embeddings is not None and hasattr(embeddings, "position_embeddings") and getattr(embeddings, "padding_idx", None) is not None:
+        return int(embeddings.padding_idx) + 1
+    return 0
 
 
 def packed_embeddings(model: torch.nn.Module, batch: Sequence[Sequence[int]], pooling: str, layer_types: list[str] | None,
@@ -71,7 +80,9 @@ def mlm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.cls(hidden)
     if hasattr(model, "head") and hasattr(model, "decoder"):  # ModernBERT
         return model.decoder(model.head(hidden))
-    raise ValueError(f"{type(model).__name__}: no masked-LM head (BERT or ModernBERT *ForMaskedLM)")
+    if hasattr(model, "lm_head"):  # RoBERTa / XLM-R
+        return model.lm_head(hidden)
+    raise ValueError(f"{type(model).__name__}: no masked-LM head (BERT, ModernBERT or XLM-R *ForMaskedLM)")
 
 
 def splade_max_pool(logits: torch.Tensor, dim: int) -> torch.Tensor:

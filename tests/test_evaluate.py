@@ -36,13 +36,14 @@ def test_metrics_equal_pytrec_eval_on_the_same_run():
         run[q] = {**{d: float(s) for d, s in zip(picked, scores)}, **{d: float(0.6 + 0.4 * rng.random()) for d in relevant}}
     run[next(iter(qrels))] = {}  # a query that retrieved nothing scores 0
     ours = retrieval_scores(qrels, run)
-    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"})
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.5", "recall.100"})
     top10 = {q: dict(sorted(r.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:10]) for q, r in run.items()}
     reference = evaluator.evaluate(run)
     mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
     mean = lambda table, key: sum(table.get(q, {}).get(key, 0.0) for q in qrels) / len(qrels)  # noqa: E731
     assert ours["ndcg_at_10"] == pytest.approx(mean(reference, "ndcg_cut_10"), abs=1e-12)
     assert ours["recall_at_100"] == pytest.approx(mean(reference, "recall_100"), abs=1e-12)
+    assert ours["recall_at_5"] == pytest.approx(mean(reference, "recall_5"), abs=1e-12)  # MT-RAG's metric
     assert ours["mrr_at_10"] == pytest.approx(mean(mrr, "recip_rank"), abs=1e-12)
     assert 0.05 < ours["ndcg_at_10"] < 0.95  # a run where the metric is not trivially 0 or 1
 

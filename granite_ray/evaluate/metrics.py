@@ -34,19 +34,20 @@ def mrr_at_k(relevant: dict[str, int], ranking: list[str], k: int) -> float:
 
 
 def per_query_scores(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """{metric: {query: score}} for NDCG@10, Recall@100 and MRR@10 over judged queries (a query with no
-    results scores 0): what a paired significance test compares."""
-    scores: dict[str, dict[str, float]] = {"ndcg_at_10": {}, "recall_at_100": {}, "mrr_at_10": {}}
+    """{metric: {query: score}} for NDCG@10, Recall@5 (MT-RAG's, R2 section 5.1), Recall@100 and MRR@10 over
+    judged queries (a query with no results scores 0): what a paired significance test compares."""
+    scores: dict[str, dict[str, float]] = {"ndcg_at_10": {}, "recall_at_5": {}, "recall_at_100": {}, "mrr_at_10": {}}
     for query in qrels:
         ranking = ranked(run.get(query, {}))
         scores["ndcg_at_10"][query] = ndcg_at_k(qrels[query], ranking, 10)
+        scores["recall_at_5"][query] = recall_at_k(qrels[query], ranking, 5)
         scores["recall_at_100"][query] = recall_at_k(qrels[query], ranking, 100)
         scores["mrr_at_10"][query] = mrr_at_k(qrels[query], ranking, 10)
     return scores
 
 
 def retrieval_scores(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict:
-    """Mean NDCG@10, Recall@100 and MRR@10 over judged queries, and the per-query scores behind them."""
+    """Mean NDCG@10, Recall@5, Recall@100 and MRR@10 over judged queries, and the per-query scores behind them."""
     per_query = per_query_scores(qrels, run)
     means = {name: sum(values.values()) / max(len(qrels), 1) for name, values in per_query.items()}
     return means | {"queries": len(qrels), "per_query": per_query}

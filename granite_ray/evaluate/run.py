@@ -31,7 +31,7 @@ from granite_ray.runtime import init_ray, log
 
 TAG = "granite-ray eval"
 
-METRICS = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
+METRICS = ("ndcg_at_10", "recall_at_5", "recall_at_100", "mrr_at_10")
 
 
 class EncodeRows:
@@ -193,7 +193,8 @@ def evaluate_mteb(model_uri: str, tasks: list, config: EvalConfig) -> dict[str, 
     out = {}
     for task_result in results.task_results:
         scores = task_result.scores[config.split][0] if config.split in task_result.scores else {}
-        out[task_result.task_name] = {"ndcg_at_10": scores.get("ndcg_at_10"), "recall_at_100": scores.get("recall_at_100"),
+        out[task_result.task_name] = {"ndcg_at_10": scores.get("ndcg_at_10"), "recall_at_5": scores.get("recall_at_5"),
+                                      "recall_at_100": scores.get("recall_at_100"),
                                       "mrr_at_10": scores.get("mrr_at_10"), "main_score": scores.get("main_score")}
     return out
 
@@ -276,7 +277,7 @@ def without_per_query(results: dict[str, dict[str, dict]]) -> tuple[dict, dict]:
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
-    lines = ["| model | dataset | NDCG@10 | Recall@100 | MRR@10 |", "|---|---|---|---|---|"]
+    lines = ["| model | dataset | NDCG@10 | Recall@5 | Recall@100 | MRR@10 |", "|---|---|---|---|---|---|"]
     for model, per_dataset in results.items():
         for name, scores in per_dataset.items():
             for label, row in [(model, scores)] + ([(f"{model} + reranker", scores["reranked"])] if "reranked" in scores else []):

@@ -29,7 +29,9 @@ def classification_head(model: nn.Module, cls: torch.Tensor) -> torch.Tensor:
         return model.classifier(model.dropout(model.bert.pooler.activation(model.bert.pooler.dense(cls))))
     if hasattr(model, "head") and hasattr(model, "drop"):  # ModernBERT
         return model.classifier(model.drop(model.head(cls)))
-    raise ValueError(f"reranker: {type(model).__name__} is not supported (BERT or ModernBERT sequence classification)")
+    if hasattr(model, "roberta"):  # RoBERTa / XLM-R: the head reads position 0 of the sequence itself
+        return model.classifier(cls[:, None])
+    raise ValueError(f"reranker: {type(model).__name__} is not supported (BERT, ModernBERT or XLM-R sequence classification)")
 
 
 class CrossEncoderModel(nn.Module):
