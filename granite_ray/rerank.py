@@ -1,7 +1,8 @@
 """Cross-encoder scoring for evaluation (and serving): query-passage pairs, padding-free.
 
 Loads our reranker artifacts and any Hugging Face BERT/ModernBERT sequence-classification folder
-(local or s3://); pairs are tokenized "[CLS] query [SEP] passage [SEP]" truncated to `max_length`,
+(local or s3://); pairs are tokenized "[CLS] query [SEP] passage [SEP]", the query cut to
+`query_max_length` tokens and the passage to what is left of `max_length`,
 sorted by length and scored a token budget at a time in one varlen forward each.
 """
 
@@ -16,10 +17,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from granite_ray import storage
 from granite_ray.model import resolve_attn_implementation
 from granite_ray.objectives.reranker import CrossEncoderModel
+from granite_ray.tokenizer import cut_to_tokens
 
 
 class Reranker:
-    def __init__(self, path: str, max_length: int = 512, token_budget: int = 16384, device: str | None = None) -> None:
+    def __init__(self, path: str, max_length: int = 512, token_budget: int = 16384, device: str | None = None,
+                 query_max_length: int | None = 64) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         with storage.local_copy(path) as folder:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -30,12 +33,16 @@ class Reranker:
         self.model = CrossEncoderModel(model.to(self.device).eval())
         self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
         self.token_budget = token_budget
+        self.query_max_length = query_max_length
 
     @torch.inference_mode()
     def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """One relevance logit per (query, passage) pair, in input order."""
-        encoded = self.tokenizer([q for q, _ in pairs], [p for _, p in pairs], truncation="only_second",
-                                 max_length=self.max_length)
+        queries = [q for q, _ in pairs]
+        if self.query_max_length:  # R2's reranker reads at most 64 query tokens
+            offsets = self.tokenizer(queries, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            queries = [cut_to_tokens(q, o, self.query_max_length) for q, o in zip(queries, offsets)]
+        encoded = self.tokenizer(queries, [p for _, p in pairs], truncation="only_second", max_length=self.max_length)
         ids = encoded["input_ids"]
         types = encoded.get("token_type_ids")
         out = np.zeros(len(pairs), dtype=np.float32)

@@ -75,6 +75,12 @@ def with_eos(tokenizer):
     return tokenizer
 
 
+def cut_to_tokens(text: str, offsets: list[tuple[int, int]], limit: int) -> str:
+    """`text` cut after its `limit`-th token (offsets: each content token's character span): the
+    reranker's query cap, applied to text so the pair is still framed by the tokenizer itself."""
+    return text if len(offsets) <= limit else text[:offsets[limit - 1][1]]
+
+
 def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
     """Embedding rows: the tokenizer's size rounded up to a multiple of 64 (50,368 for the paper's)."""
     return -(-len(tokenizer) // 64) * 64

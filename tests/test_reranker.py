@@ -30,6 +30,62 @@ def test_lists_follow_teacher_order_with_pair_token_types(minilm_path, tmp_path)
     assert list(pairs[0]) == expected["input_ids"] and list(types[0]) == expected["token_type_ids"]
 
 
+LONG_QUERY = " ".join(["supersonic flow over a slender cone at small angles of attack"] * 12)  # ~130 tokens
+
+
+def test_the_reranker_reads_at_most_64_query_tokens_in_training_and_in_scoring(minilm_path, tmp_path):
+    """R2's reranker caps queries at 64 tokens: the lists it trains on and the pairs it scores both cut a
+    long query there (the passage keeps the rest of the pair), so the two read the same text."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+    from transformers import AutoTokenizer
+
+    from granite_ray.data.pairs import TokenizeLists
+    from granite_ray.rerank import Reranker
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = RerankerConfig.model_validate({"model": {"init_from": minilm_path}, "data": {"datasets": ["x"], "negatives": 1}})
+    record = {"query": LONG_QUERY, "pos": ["a cone in supersonic flow"], "neg": ["bread"]}
+    out = TokenizeLists(tokenizer.backend_tokenizer.to_str(), config.data.model_dump(), 256, None, None)(
+        {"line": np.array([json.dumps(record).encode()], dtype=object), "source": np.array(["r"], dtype=object),
+         "lineno": np.array([1])})
+    ids = list(out["pairs"][0][0])
+    assert ids.index(tokenizer.sep_token_id) - 1 == config.data.query_max_len == 64  # [CLS] + 64 query tokens + [SEP]
+    cut = tokenizer.decode(tokenizer(LONG_QUERY, add_special_tokens=False)["input_ids"][:64])
+    assert tokenizer.decode(ids[1:65]) == cut
+
+    cross = CrossEncoder(minilm_path, num_labels=1, device="cpu", activation_fn=torch.nn.Identity())
+    cross.save(str(tmp_path / "cross"))
+    pairs = [(LONG_QUERY, "a cone in supersonic flow"), (LONG_QUERY, "bread")]
+    capped = Reranker(str(tmp_path / "cross")).score(pairs)
+    expected = cross.predict([(cut, p) for _, p in pairs], convert_to_tensor=True).float().numpy()
+    np.testing.assert_allclose(capped, expected, atol=1e-4, rtol=1e-4)
+    whole = Reranker(str(tmp_path / "cross"), query_max_length=None).score(pairs)
+    assert np.abs(whole - capped).max() > 1e-3
+
+
+def test_teacher_scores_by_a_cross_encoder_equal_its_predictions(ray_local, tmp_path, minilm_path):
+    """R2 orders the reranker's lists by a cross-encoder: teacher-scores with llm.backend=cross-encoder."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from granite_ray.config import TeacherScoresConfig
+    from granite_ray.datajobs import run_teacher_scores
+
+    cross = CrossEncoder(minilm_path, num_labels=1, device="cpu", activation_fn=torch.nn.Identity())
+    cross.save(str(tmp_path / "cross"))
+    rows = tmp_path / "rows.jsonl"
+    cranfield_rows(rows, negatives=3, limit=6, seed=4)
+    config = load_config(TeacherScoresConfig, None, [f"input_uri={rows}", f"llm.model={tmp_path / 'cross'}",
+                                                     "llm.backend=cross-encoder", "llm.batch_size=4", "llm.max_model_len=256",
+                                                     f"output_uri={tmp_path / 'out'}"])
+    run_teacher_scores(config)
+    scored = [json.loads(line) for f in sorted((tmp_path / "out" / "scores").glob("*.json*")) for line in f.read_text().splitlines()]
+    assert len(scored) == 6
+    cross.max_length = 256
+    for row in scored:
+        expected = cross.predict([(row["query"], p) for p in row["pos"] + row["neg"]], convert_to_tensor=True).float().numpy()
+        np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], expected, atol=1e-4, rtol=1e-4)
+
+
 def _long_document(parts: list[str]) -> str:
     return "\n".join(parts)
 

@@ -21,6 +21,7 @@ from granite_ray.data.conversations import RowError, format_conversation
 from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
 from granite_ray.llm import object_column
 from granite_ray.passages import best_passages
+from granite_ray.tokenizer import cut_to_tokens
 
 
 def query_text(query) -> str:
@@ -149,6 +150,9 @@ class TokenizeLists:
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length, strategy="only_second")
+        self.queries = Tokenizer.from_str(tokenizer_json)  # unpadded, untruncated: where a long query's 64th token ends
+        self.queries.no_padding()
+        self.queries.no_truncation()
         self.max_length = max_length
         self.config = PairDataConfig(**config)
         self.passages = PassageConfig(**passages) if passages else None
@@ -162,7 +166,10 @@ class TokenizeLists:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = parsed_rows(batch, lambda r: parse_pair(teacher_ordered(r), self.config.negatives, False), self.counter)
         cfg = self.config
-        listed = [(cfg.query_prompt or "") + r["query"] for r in rows for _ in range(1 + cfg.negatives)]
+        queries = [(cfg.query_prompt or "") + r["query"] for r in rows]
+        # The query cap of R2's reranker (64 tokens): the passage keeps the rest of the pair's length.
+        offsets = [e.offsets for e in self.queries.encode_batch(queries, add_special_tokens=False)]  # _fast has no offsets
+        listed = [cut_to_tokens(q, o, cfg.query_max_len) for q, o in zip(queries, offsets) for _ in range(1 + cfg.negatives)]
         cut = self.max_length * CHARS_PER_TOKEN_BOUND
         passages = [(cfg.passage_prompt or "") + self._passage(r["query"], p)[:cut] for r in rows for p in [r["pos"], *r["negs"]]]
         encodings = self.tokenizer.encode_batch_fast(list(zip(listed, passages)))

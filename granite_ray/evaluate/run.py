@@ -160,7 +160,7 @@ def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: E
     texts = {}
     for batch in read_documents(dataset, config.read_tasks).iter_batches(batch_size=4096, batch_format="numpy"):
         texts.update((d, t) for d, t in zip(batch["id"], batch["text"]) if d in wanted)
-    reranker = Reranker(config.reranker, config.rerank_max_length)
+    reranker = Reranker(config.reranker, config.rerank_max_length, query_max_length=config.rerank_query_max_length)
     passages = config.rerank_passages
     indexes = {d: WindowIndex(word_windows(t, passages.words, passages.overlap_words)) for d, t in texts.items()} \
         if passages else {}

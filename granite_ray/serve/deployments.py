@@ -147,7 +147,8 @@ class SparseEncoder(EncoderReplica):
 class Reranker:
     def __init__(self, uri: str, config: ServeConfig, threads: int | None = None) -> None:
         use_threads(threads)
-        self.model = rerank.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens)
+        self.model = rerank.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens,
+                                     query_max_length=config.rerank_query_max_length)
         self.truncate_by_default = config.long_inputs == "truncate"
         self.pair_frame = self.model.tokenizer.num_special_tokens_to_add(pair=True)
         self.batcher = TokenBudgetBatcher(self.model.score, config.max_batch_tokens, config.batch_wait_timeout_s)
