@@ -594,10 +594,16 @@ class RetroMAEConfig(StageConfig):
     data: DataConfig = Field(default_factory=DataConfig, description="text (stage 4; the replay in stage 5)")
     tables: TableSourcesConfig | None = None
     decoder_mask_probability: float = Field(0.5, gt=0, lt=1, description="share of positions hidden from each decoder row")
+    decoder_targets: Literal["all", "masked"] | None = Field(None, description=(
+        "all: enhanced decoding, every target token rebuilt, each from its own sample of the others (RetroMAE); "
+        "masked: one mask per target, only the hidden positions rebuilt (R2 section 3.2's masked summary positions); "
+        "None: masked for tabular-retromae, all for retromae"))
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _sources(self) -> "RetroMAEConfig":
+        if self.decoder_targets is None:
+            self.decoder_targets = "masked" if self.stage == "tabular-retromae" else "all"
         if not self.model.init_from:
             raise ValueError("model.init_from: RetroMAE continues from an encoder artifact")
         if self.stage == "tabular-retromae":

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, SHARED_DATA as DATA, cranfield_rows
+from conftest import SAMPLE, SHARED_DATA as DATA, cranfield_rows, cranfield_texts
 from granite_ray.config import ContrastiveConfig, DistillConfig, RetroMAEConfig, TrainConfig, load_config
 
 
@@ -256,6 +256,37 @@ def test_tabular_retromae_mixes_tables_summaries_and_text(ray_local, tmp_path, t
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats["sampling_weights"] == pytest.approx({"summaries": 0.5, "tables": 0.3, "text": 0.2})
     assert all(np.isfinite(json.loads(line)["decoder_loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("stage", ["retromae", "tabular-retromae"])
+def test_tabular_retromae_rebuilds_only_the_masked_summary_positions(tokenizer, stage):
+    """R2 section 3.2: the table decoder predicts the masked summary positions (60%), hidden from every
+    row; RetroMAE's enhanced decoding rebuilds every token, each row from its own sample of the others."""
+    from granite_ray.data.masking import IGNORE_INDEX
+    from granite_ray.objectives.retromae import RetroMAEObjective
+
+    config = RetroMAEConfig.model_validate({
+        "stage": stage, "model": {"init_from": "/m"}, "data": {"paths": ["/t"]}, "decoder_mask_probability": 0.6,
+        "tables": {"summaries": ["/s"]}})
+    assert config.decoder_targets == ("masked" if stage == "tabular-retromae" else "all")
+    objective = RetroMAEObjective(config, tokenizer)
+    objective.attn_implementation, objective.half_window, objective.layer_types = "sdpa", 0, None
+    table = tokenizer("Year [SEP] Title [SEP] 1994 [SEP] Speed")["input_ids"]
+    summaries = [tokenizer(t)["input_ids"] for t in cranfield_texts(16)]
+    batch = {"enc": np.array([table] * 16, dtype=object), "dec": np.array(summaries, dtype=object)}
+    inputs = objective.batch_inputs(batch, torch.device("cpu"))
+    labels, visible, targets = inputs["target_labels"], inputs["visible"], inputs["targets"]
+    content = ~torch.isin(targets, objective.special_ids)
+    rebuilt = labels != IGNORE_INDEX
+    assert (labels[rebuilt] == targets[rebuilt]).all()
+    assert visible[:, :, 0].all()  # CLS, the table's vector, is seen by every row
+    if stage == "retromae":
+        assert torch.equal(rebuilt, content)
+        return
+    assert rebuilt.sum() / content.sum() == pytest.approx(0.6, abs=0.05)
+    assert not (visible & rebuilt[:, None, :]).any()  # no row sees a masked summary token
+    seen = visible.any(dim=1)
+    assert torch.equal(seen[:, 1:] & content[:, 1:], (content & ~rebuilt)[:, 1:])  # every other summary token is seen
 
 
 def test_bad_stage_configs_name_the_field(tiny_artifact):

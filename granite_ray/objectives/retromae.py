@@ -6,7 +6,9 @@ The encoder sees its input with `data.mlm_probability` masked and pays an MLM lo
 vector alone must let a one-layer decoder rebuild every target token. Enhanced decoding: the
 query stream is CLS + position, the content stream is [CLS; target token embeddings] + position,
 and each query row attends to its own random sample of content positions (each hidden with
-`decoder_mask_probability`), never its own, always the CLS one.
+`decoder_mask_probability`), never its own, always the CLS one. Tabular RetroMAE (R2 section 3.2)
+instead hides one sample of the summary's positions from every row and rebuilds only those
+(`decoder_targets: masked`).
 The encoder's MLM head scores both. Only the encoder is saved in the artifact.
 """
 
@@ -124,9 +126,17 @@ class RetroMAEObjective:
         real = padded != self.tokenizer.pad_token_id
         real[:, 0] = True
         target_labels = padded.masked_fill(torch.isin(padded, self.special_ids), IGNORE_INDEX)
-        # Each query row sees a random sample of the real content positions, never itself, always CLS.
-        keep = torch.rand((len(targets), longest, longest), generator=self.generator) >= self.config.decoder_mask_probability
-        visible = keep & real[:, None, :] & ~torch.eye(longest, dtype=torch.bool)[None]
+        p = self.config.decoder_mask_probability
+        if self.config.decoder_targets == "masked":
+            # One mask per target: every row sees the unmasked content and CLS; only masked positions are rebuilt.
+            hidden = (torch.rand((len(targets), longest), generator=self.generator) < p) & (target_labels != IGNORE_INDEX)
+            target_labels = target_labels.masked_fill(~hidden, IGNORE_INDEX)
+            visible = (real & ~hidden)[:, None, :].expand(-1, longest, -1) & ~torch.eye(longest, dtype=torch.bool)[None]
+        else:
+            # Each query row sees a random sample of the real content positions, never itself, always CLS.
+            keep = torch.rand((len(targets), longest, longest), generator=self.generator) >= p
+            visible = keep & real[:, None, :] & ~torch.eye(longest, dtype=torch.bool)[None]
+        visible = visible.clone()
         visible[:, :, 0] = True
         starts = np.cumsum([0] + lens[:-1])
         tokens = sum(lens)
