@@ -157,3 +157,30 @@ def test_comments_cite_sections_and_tables_their_paper_has(path):
             assert section in (R1_SECTIONS if r1 else R2_SECTIONS), f"{path.name}: no such section: {match[0]!r}"
         else:
             assert int(table) in (R1_TABLES if r1 else R2_TABLES), f"{path.name}: no such table: {match[0]!r}"
+
+
+@pytest.mark.parametrize("pipeline, expected", [
+    ("r2_base.yaml", {"stage1", "stage2", "stage3", "retromae", "tabular", "contrastive", "contrastive_hn", "teacher",
+                      "scores", "distill", "conversations_adapted", "reranker_scores", "reranker"}),
+    ("r2_small.yaml", {"stage1", "stage2", "stage3", "retromae", "contrastive", "teacher", "scores", "distill"}),
+])
+def test_the_whole_r2_recipe_resolves_offline_and_every_stage_fits_one_8_gpu_node(pipeline, expected):
+    """Every reference names an earlier stage, every stage's config validates with the paper's values,
+    each job script exists, and no stage asks for more GPUs than a node has."""
+    from granite_ray.config import PipelineConfig
+    from granite_ray.pipeline import resolve_stages
+
+    config = load_config(PipelineConfig, CONFIGS / "pipelines" / pipeline, [f"working_dir={CONFIGS.parent}"])
+    gpus = int(config.variables["gpus"])
+    stages = {s.name: yaml.safe_load(s.config_yaml) for s in resolve_stages(config)}
+    assert expected <= set(stages)
+    for name, stage in stages.items():
+        train, llm = stage.get("train") or {}, stage.get("llm") or {}
+        if train.get("use_gpu"):
+            assert train["num_workers"] <= gpus, name
+        if llm and llm.get("backend") in ("vllm", "cross-encoder"):
+            assert llm["replicas"] * llm["tensor_parallel_size"] <= gpus, name
+        assert stage.get("encode_actors", 1) <= gpus, name
+    assert stages["teacher"]["models"] == [stages["teacher_weak"]["output_uri"], stages["teacher_annotated"]["output_uri"]]
+    assert stages["distill"]["data"]["datasets"] == [stages["scores"]["output_uri"] + "/scores/"]
+    assert stages["stage1"]["model"]["preset"] == ("small" if "small" in pipeline else "base")
