@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench
+.PHONY: setup demo test test-fast bench
 
 setup:
 	bash scripts/setup.sh
@@ -8,6 +8,10 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest tests
+
+# The tests that need no Ray cluster, S3 server, vLLM engine or job: a few minutes.
+test-fast: setup
+	.venv/bin/python -m pytest -m "not slow" tests
 
 bench: setup
 	.venv/bin/python benchmarks/ingest.py

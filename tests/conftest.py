@@ -23,6 +23,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+# What makes a test slow here: a Ray cluster, the S3 server, a vLLM engine or a job (minutes, not seconds).
+SLOW_FIXTURES = {"ray_local", "s3", "bucket", "smollm2"}
+
+
+def pytest_collection_modifyitems(items):
+    """`slow` on every test that needs a slow fixture, however indirectly (`make test-fast` skips them)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A SeaweedFS S3 endpoint on 127.0.0.1; its settings are exported so Ray workers inherit them."""

@@ -121,6 +121,7 @@ def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+@pytest.mark.slow  # a Ray job or a CLI process
 def test_a_stage_that_leaves_the_data_pipeline_no_cpu_is_refused_in_one_line(tmp_path, minilm_path):
     cpus = os.cpu_count()
     rows = tmp_path / "rows.jsonl"
@@ -171,6 +172,7 @@ def test_mining_writes_each_long_candidate_as_its_best_window(ray_local, tmp_pat
 
 
 @pytest.mark.timeout(1500)
+@pytest.mark.slow  # a Ray job or a CLI process
 def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_its_baseline(tmp_path, minilm_path):
     """configs/pipelines/adapt.yaml as shipped, on adi (82 documents) and a few steps, with all-mpnet-base-v2
     as the teacher: every stage a Ray job, evaluation only on test queries no stage trained on."""

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -32,6 +33,7 @@ def assert_standard_loaders_agree(path: Path) -> None:
     assert from_st.std() > 0
 
 
+@pytest.mark.slow  # a Ray job or a CLI process
 def test_mlm_job_submitted_to_a_ray_cluster_succeeds_and_learns(tmp_path):
     out = tmp_path / "artifact"
     head = LocalHead(num_cpus=2).start()
