@@ -11,6 +11,7 @@ import fnmatch
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -130,11 +131,22 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """The whole file or, after a crash, the old one: locally a temporary file in the same folder renamed
+    over the target (atomic on POSIX); an S3 object appears only once its upload completes."""
     fs, path = resolve(uri)
-    if not is_s3(uri):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.partial"  # the umask's mode, as open() gives
+    try:
+        staged.write_bytes(data)
+        os.replace(staged, target)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
 
 
 def copy_file(src: str, dst: str) -> None:
@@ -170,7 +182,9 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
     for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         if item.type != pafs.FileType.File:
             continue
-        target = local_dir / item.path[len(base):].lstrip("/")
+        target = (local_dir / item.path[len(base):].lstrip("/")).resolve()
+        if not target.is_relative_to(local_dir.resolve()):  # an object key with ../ would write outside
+            raise ValueError(f"{uri}: object {item.path!r} resolves outside the download folder")
         target.parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(item.path) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, length=8 << 20)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import REPO, SAMPLE
 from granite_ray.config import PretrainMLMConfig, load_config
@@ -49,3 +50,33 @@ def test_strided_batches_give_every_worker_equal_disjoint_slices():
     assert take(0, 0) == [[0, 1, 2], [6, 7, 8]]
     assert take(1, 0) == [[3, 4, 5], [9, 10, 11]]  # rows 12-14 make no full global batch: dropped by all
     assert take(0, 6) == [[6, 7, 8]] and take(1, 6) == [[9, 10, 11]]  # a resume after one global batch
+
+
+@pytest.mark.parametrize("optimizer", ["stableadamw", "adamw"])
+def test_optimizer_state_loads_as_tensors_only_and_a_pickled_object_is_refused(tmp_path, optimizer):
+    """Resuming reads optimizer.pt from checkpoint storage (S3): plain state round-trips, while a file
+    carrying an arbitrary object (which unpickling would run) is refused."""
+    import pickle
+
+    from granite_ray.config import TrainConfig
+    from granite_ray.train.optim import build_optimizer, build_scheduler
+    from granite_ray.train.parallel import load_optimizer_file
+
+    model = torch.nn.Linear(4, 2)
+    tc = TrainConfig(optimizer=optimizer, max_steps=10)
+    opt, sched = build_optimizer(model, tc), build_scheduler(build_optimizer(model, tc), tc)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp_path / "optimizer.pt")
+    state = load_optimizer_file(tmp_path / "optimizer.pt")
+    restored = build_optimizer(model, tc)
+    restored.load_state_dict(state["optimizer"])
+    torch.testing.assert_close(restored.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran while loading",))
+
+    torch.save({"optimizer": Payload()}, tmp_path / "hostile.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_optimizer_file(tmp_path / "hostile.pt")

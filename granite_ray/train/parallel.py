@@ -22,6 +22,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def load_optimizer_file(path: Path) -> dict:
+    """optimizer.pt as tensors and plain values only (`weights_only`): checkpoint storage (an S3 bucket)
+    is not trusted to run code on the workers, which unpickling arbitrary objects would allow."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     base = getattr(model, "model", model)
     return list(getattr(base, "layers", []))
@@ -66,7 +72,7 @@ class DDPStrategy:
                        directory / "optimizer.pt")
 
     def load_state(self, directory: Path) -> None:
-        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = load_optimizer_file(directory / "optimizer.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -114,7 +120,7 @@ class FSDP2Strategy(DDPStrategy):
     def load_state(self, directory: Path) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = load_optimizer_file(directory / "optimizer.pt")
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=self._options())
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -162,6 +168,8 @@ class DeepSpeedStrategy:
         self.model.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
 
     def load_state(self, directory: Path) -> None:
+        """DeepSpeed unpickles its own checkpoint files (no weights-only mode): resume ZeRO runs only from
+        storage you trust; DDP and FSDP2 read optimizer state as tensors only."""
         self.model.load_checkpoint(str(directory / "deepspeed"), tag="state")
 
 
