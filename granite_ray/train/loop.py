@@ -35,6 +35,7 @@ from transformers import AutoTokenizer
 
 from granite_ray import storage
 from granite_ray.config import StageConfig
+from granite_ray.errors import TrainingFailed
 from granite_ray.runtime import log as _log
 from granite_ray.train.metrics import MetricsLog, loss_plot_png, peak_flops
 from granite_ray.train.parallel import STRATEGIES
@@ -355,4 +356,8 @@ def run_training(config: StageConfig, datasets: dict[str, ray.data.Dataset], tok
             datasets_to_split=[] if tc.data_sharding == "stride" else "all",
             execution_options=ExecutionOptions(preserve_order=True) if tc.data_sharding == "stride" else None),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if result.error:  # the workers' tracebacks are already in the log; the command ends with one line
+        lines = [line for line in str(result.error).splitlines() if line.strip()]
+        raise TrainingFailed(f"training failed: {lines[-1] if lines else type(result.error).__name__}")
+    return result
