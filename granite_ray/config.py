@@ -726,6 +726,8 @@ class ServeConfig(StageConfig):
     port: int = Field(8000, gt=0, lt=65536)
     api_key: str | None = Field(None, description="bearer key required on every route but /health; "
                                 "None: the GRANITE_RAY_API_KEY variable, else no auth")
+    allow_anonymous: bool = Field(False, description="serve a non-loopback host without an API key (behind a "
+                                  "gateway that authenticates); otherwise that is refused")
     max_batch_tokens: int = Field(16384, gt=0, description="tokens of the requests batched into one inference call")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="the longest a request waits for others to batch with")
     max_inputs_per_request: int = Field(2048, gt=0, description="texts per embedding request, documents per rerank request")

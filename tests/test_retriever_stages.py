@@ -133,6 +133,18 @@ def test_distillation_stage_from_s3_artifact_to_s3_artifact_learns_teacher_order
     source = SentenceTransformer(minilm_path, device="cpu")
     assert [type(m).__name__ for m in model] == [type(m).__name__ for m in source]  # mean pooling + normalize kept
     assert model.encode(["a query"]).shape == (1, 384)
+    # The student moved towards the teacher's distribution over each row's candidates (what it trained on).
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    teacher = torch.tensor([r["pos_scores"] + r["neg_scores"] for r in rows]) / 0.02
+
+    def divergence(m) -> float:
+        q = torch.from_numpy(m.encode([r["query"] for r in rows], normalize_embeddings=True))
+        d = torch.from_numpy(m.encode([t for r in rows for t in r["pos"] + r["neg"]], normalize_embeddings=True))
+        student = torch.einsum("nd,nkd->nk", q, d.reshape(len(rows), 3, -1)) / 0.02
+        return float(torch.nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                                reduction="batchmean"))
+
+    assert divergence(model) < divergence(source)
 
 
 def test_conversation_queries_put_the_latest_turn_first_and_truncate_the_oldest(minilm_path):

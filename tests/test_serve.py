@@ -128,7 +128,9 @@ def test_openai_client_returns_the_models_vectors_in_base64_and_float(server, te
 def test_raw_base64_is_little_endian_float32(http, texts):
     body = http.post("/v1/embeddings", json={"input": texts[:2], "encoding_format": "base64"}).json()
     as_float = http.post("/v1/embeddings", json={"input": texts[:2]}).json()
+    assert len(body["data"]) == len(as_float["data"]) == 2  # zip over empty lists would pass anything
     for coded, plain in zip(body["data"], as_float["data"]):
+        assert len(np.frombuffer(base64.b64decode(coded["embedding"]), dtype="<f4")) == len(plain["embedding"]) == 384
         np.testing.assert_allclose(np.frombuffer(base64.b64decode(coded["embedding"]), dtype="<f4"),
                                    np.array(plain["embedding"], dtype=np.float32), atol=1e-6)
 
@@ -259,6 +261,20 @@ def test_auth_rejects_a_missing_or_wrong_key(server):
     assert {m["id"]: m["type"] for m in models["data"]} == {"minilm": "embedding", "splade": "sparse-embedding", "rr": "rerank"}
     health = httpx.get(f"{server}/health", timeout=60)  # open: load balancers probe it without a key
     assert health.status_code == 200 and health.json()["models"]["minilm"]["dimension"] == 384
+    # The schema lists every route: behind the key too; the browser docs are off when a key is set.
+    assert httpx.get(f"{server}/openapi.json").status_code == 401
+    schema = httpx.get(f"{server}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert "/v1/embeddings" in schema["paths"]
+    assert httpx.get(f"{server}/docs").status_code in (401, 404)
+
+
+def test_an_exposed_host_without_an_api_key_is_refused_in_one_line(capsys, monkeypatch, minilm_path):
+    from granite_ray.cli import main
+
+    monkeypatch.delenv("GRANITE_RAY_API_KEY", raising=False)
+    assert main(["serve", f"embedder={minilm_path}", "host=0.0.0.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without an API key" in err and len(err.splitlines()) == 1
 
 
 async def _load(url: str, requests: int, concurrency: int, on_progress=None) -> tuple[list[str], float]:

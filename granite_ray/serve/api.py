@@ -61,7 +61,9 @@ class Api:
         self.created = int(time.time())
 
     def app(self) -> FastAPI:
-        app = FastAPI(title="granite-ray", description=__doc__.splitlines()[0])
+        # With a key, the schema is behind it too (it lists every route) and the browser docs are off.
+        keyed = dict(docs_url=None, redoc_url=None, openapi_url=None) if self.api_key else {}
+        app = FastAPI(title="granite-ray", description=__doc__.splitlines()[0], **keyed)
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(HTTPException, _http_error)
         app.add_exception_handler(InputError, _input_error)
@@ -77,6 +79,9 @@ class Api:
         protected.add_api_route("/embed_sparse", self.tei_embed_sparse, methods=["POST"])
         protected.add_api_route("/v1/rerank", self.rerank, methods=["POST"])
         protected.add_api_route("/rerank", self.tei_rerank, methods=["POST"])
+        if self.api_key:
+            protected.add_api_route("/openapi.json", lambda: JSONResponse(app.openapi()), methods=["GET"],
+                                    include_in_schema=False)
         app.include_router(public)
         app.include_router(protected)
         return app

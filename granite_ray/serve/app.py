@@ -15,7 +15,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from granite_ray.config import ServeConfig, ServeReplicaConfig, split_label
+from granite_ray.config import ConfigError, ServeConfig, ServeReplicaConfig, split_label
 from granite_ray.runtime import init_ray, log
 from granite_ray.serve.api import Api, Model
 from granite_ray.serve.deployments import Embedder, Reranker, SparseEncoder
@@ -59,8 +59,17 @@ def build_app(args: dict | ServeConfig) -> Application:
     return Gateway.options(**deployment_options(config.gateway_replicas)).bind(config, api_key, names, **bound)
 
 
+def check_exposure(config: ServeConfig) -> None:
+    """An API on other interfaces than loopback answers anyone who reaches it: only with a key, or when told."""
+    loopback = config.host in ("localhost", "::1") or config.host.startswith("127.")
+    if not loopback and not (config.api_key or os.environ.get(API_KEY_ENV)) and not config.allow_anonymous:
+        raise ConfigError(f"host {config.host} serves every interface without an API key: set api_key (or "
+                          f"{API_KEY_ENV}), or allow_anonymous=true behind a gateway that authenticates")
+
+
 def run_serve(config: ServeConfig) -> str:
     """Serve until SIGINT or SIGTERM, then shut Serve down; returns the URL it served at."""
+    check_exposure(config)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     init_ray(config)
     serve.start(http_options={"host": config.host, "port": config.port})
