@@ -714,6 +714,9 @@ class ServeReplicaConfig(Section):
 GATEWAY_REPLICAS = {"num_cpus": 0.25, "target_ongoing_requests": 64, "max_ongoing_requests": 256}
 
 
+API_KEY_ENV = "GRANITE_RAY_API_KEY"  # where a serve job finds its key when the config file must not hold it
+
+
 class ServeConfig(StageConfig):
     """`granite-ray serve`: embedder, reranker and sparse encoder behind one HTTP API (OpenAI, TEI, Cohere/Jina)."""
 

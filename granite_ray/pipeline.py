@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from granite_ray import storage
-from granite_ray.config import PipelineConfig, PipelineStage, dump_config, load_config
+from granite_ray.config import API_KEY_ENV, PipelineConfig, PipelineStage, dump_config, load_config
 from granite_ray.runtime import log
 
 TAG = "pipeline"
@@ -92,6 +92,19 @@ def resolve_stages(pipeline: PipelineConfig) -> list[ResolvedStage]:
             digest.update(resolved[ref].config_hash.encode())
         resolved[spec.name] = ResolvedStage(spec, config_yaml, config.output_uri, digest.hexdigest()[:16], sorted(set(inputs)))
     return list(resolved.values())
+
+
+def without_api_key(config_yaml: str, env_vars: dict[str, str], secrets: list[str]) -> tuple[str, dict[str, str], list[str]]:
+    """A serve stage's api_key travels in its job's environment, never in the config file written beside the
+    artifacts, and is masked in the streamed logs like every secret."""
+    import yaml
+
+    tree = yaml.safe_load(config_yaml)
+    key = tree.pop("api_key", None) if isinstance(tree, dict) else None
+    if not key:
+        return config_yaml, env_vars, secrets
+    return (yaml.safe_dump(tree, sort_keys=False), {**env_vars, API_KEY_ENV: key},
+            sorted({*secrets, key}, key=len, reverse=True))
 
 
 def artifact_metrics(uri: str) -> dict:
@@ -186,8 +199,8 @@ class PipelineRunner:
 
     def job_env(self) -> tuple[dict[str, str], list[str]]:
         forwarded = {k: os.environ[k] for k in self.pipeline.forward_env if os.environ.get(k)}
-        secrets = sorted((v for k, v in forwarded.items() if any(w in k for w in ("SECRET", "TOKEN", "PASSWORD"))), key=len,
-                         reverse=True)
+        secrets = sorted((v for k, v in forwarded.items() if any(w in k for w in ("SECRET", "TOKEN", "PASSWORD", "KEY"))),
+                         key=len, reverse=True)
         return {**self.pipeline.env_vars, **forwarded}, secrets
 
     def runtime_env(self, env_vars: dict[str, str]) -> dict:
@@ -254,7 +267,8 @@ class PipelineRunner:
     def run_stage(self, stage: ResolvedStage, client, python: str, env_vars: dict[str, str], secrets: list[str]) -> str | None:
         spec = stage.spec
         config_uri = storage.join(self.pipeline.output_uri, "_configs", f"{stage.name}.yaml")
-        storage.write_bytes(config_uri, stage.config_yaml.encode())
+        config_yaml, env_vars, secrets = without_api_key(stage.config_yaml, env_vars, secrets)
+        storage.write_bytes(config_uri, config_yaml.encode())
         entrypoint = f"{python} {job_script(spec.stage)} --config {config_uri}"
         started = time.time()
         job_id = client.submit_job(

@@ -100,3 +100,16 @@ def test_pipeline_errors_before_any_job(head, tmp_path):
     with pytest.raises(PipelineError, match="unknown stage 'pretrain-mlmm'"):
         PipelineRunner(PipelineConfig.model_validate(unknown))
     assert len(JobSubmissionClient(head.address).list_jobs()) == jobs_before
+
+
+def test_a_serve_stage_key_goes_to_the_job_environment_never_into_its_config_file():
+    from granite_ray.config import API_KEY_ENV, ServeConfig, dump_config
+    from granite_ray.pipeline import without_api_key
+
+    config = ServeConfig(embedder="/models/minilm", api_key="s3cret-key-123")
+    written, env, secrets = without_api_key(dump_config(config), {"TOKENIZERS_PARALLELISM": "false"}, ["other-secret"])
+    assert "s3cret-key-123" not in written and env[API_KEY_ENV] == "s3cret-key-123"
+    assert "s3cret-key-123" in secrets and "other-secret" in secrets  # masked in the streamed job logs
+    assert ServeConfig.model_validate(__import__("yaml").safe_load(written)).api_key is None  # the job reads the env
+    plain = dump_config(ServeConfig(embedder="/models/minilm"))
+    assert without_api_key(plain, {}, []) == (plain, {}, [])

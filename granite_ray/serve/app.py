@@ -15,12 +15,11 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from granite_ray.config import ConfigError, ServeConfig, ServeReplicaConfig, split_label
+from granite_ray.config import API_KEY_ENV, ConfigError, ServeConfig, ServeReplicaConfig, split_label
 from granite_ray.runtime import init_ray, log
 from granite_ray.serve.api import Api, Model
 from granite_ray.serve.deployments import Embedder, Reranker, SparseEncoder
 
-API_KEY_ENV = "GRANITE_RAY_API_KEY"
 
 
 @serve.deployment
