@@ -734,6 +734,9 @@ class ServeConfig(StageConfig):
     max_batch_tokens: int = Field(16384, gt=0, description="tokens of the requests batched into one inference call")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="the longest a request waits for others to batch with")
     max_inputs_per_request: int = Field(2048, gt=0, description="texts per embedding request, documents per rerank request")
+    max_request_bytes: int = Field(16 << 20, gt=0, description="request bodies above this are refused (413) unread")
+    max_windows_per_input: int = Field(64, gt=0, description="chunk-mean/chunk-max windows of one input at most")
+    request_timeout_s: float = Field(120.0, gt=0, description="a request the models have not answered by then gets 504")
     long_inputs: Literal["truncate", "error"] = Field(
         "truncate", description="inputs over the model's max length when the request does not say: keep the first "
         "max_length tokens, or answer 400; requests may ask to chunk instead")

@@ -10,6 +10,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from granite_ray import storage
 
+# Texts are cut to this many characters per token of budget before tokenizing: a long document
+# (a 50k-character meeting) would otherwise be tokenized whole only to keep its first few hundred
+# tokens. No tokenizer here makes tokens of 32 characters on average.
+CHARS_PER_TOKEN_BOUND = 32
+
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 

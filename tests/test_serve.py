@@ -29,6 +29,7 @@ from granite_ray.config import ConfigError, ServeConfig, load_config
 from granite_ray.localray import free_port
 
 API_KEY = f"key-{uuid.uuid4().hex}"
+MAX_BYTES, MAX_WINDOWS = 1 << 20, 8
 APP = "granite-ray-test"
 MAX_INPUTS = 64
 
@@ -77,7 +78,7 @@ def server(ray_local, s3, minilm_path, reranker_path, sparse_path):
     config = load_config(ServeConfig, None, [
         f"embedder=minilm={minilm_path}", f"reranker=rr={reranker_path}", f"sparse=splade=s3://{bucket}/splade",
         f"api_key={API_KEY}", f"app_name={APP}", f"port={port}", f"max_inputs_per_request={MAX_INPUTS}",
-        "gateway_replicas.num_cpus=0.2", "embedder_replicas.min_replicas=2", "embedder_replicas.max_replicas=2",
+        f"max_request_bytes={MAX_BYTES}", f"max_windows_per_input={MAX_WINDOWS}", "gateway_replicas.num_cpus=0.2", "embedder_replicas.min_replicas=2", "embedder_replicas.max_replicas=2",
         "embedder_replicas.num_cpus=0.3", "embedder_replicas.threads=1", "reranker_replicas.num_cpus=0.3",
         "sparse_replicas.num_cpus=0.3"])
     serve.start(http_options={"host": config.host, "port": port})
@@ -245,6 +246,22 @@ def test_openai_client_reads_the_error_body(server):
     assert caught.value.code == "input_too_long" and caught.value.param == "input"
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def test_hostile_bodies_are_refused_before_any_model_work(http):
+    """A body over max_request_bytes (413, unread), a chunked body of unknown size (411), and an input that
+    would make more chunk windows than max_windows_per_input (400): each refused, and the server still answers."""
+    huge = {"input": ["word " * (MAX_BYTES // 5)]}
+    too_big = http.post("/v1/embeddings", json=huge)
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    chunked = http.post("/v1/embeddings", content=iter([b'{"input": ["a"]}']), headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 411
+    endless = " ".join(["boundary layer transition at supersonic speed"] * 400)  # ~2,400 tokens: > 8 windows of 256
+    refused = http.post("/v1/embeddings", json={"input": [endless], "long_documents": "chunk-mean"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "input_too_long"
+    assert "max_windows_per_input" in refused.json()["error"]["message"]
+    short = " ".join(["boundary layer transition at supersonic speed"] * 100)
+    assert len(http.post("/v1/embeddings", json={"input": [short], "long_documents": "chunk-mean"}).json()["data"]) == 1
 
 
 def test_auth_rejects_a_missing_or_wrong_key(server):

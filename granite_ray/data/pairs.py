@@ -21,7 +21,7 @@ from granite_ray.data.conversations import RowError, format_conversation
 from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
 from granite_ray.llm import object_column
 from granite_ray.passages import best_passages
-from granite_ray.tokenizer import cut_to_tokens
+from granite_ray.tokenizer import CHARS_PER_TOKEN_BOUND, cut_to_tokens
 
 
 def query_text(query) -> str:
@@ -74,11 +74,6 @@ def parse_pair(record: dict, negatives: int, with_scores: bool) -> dict:
         out["scores"] = [pos_scores[0]] + [neg_scores[i] for i in picked]
     return out
 
-
-# Texts are cut to this many characters per token of budget before tokenizing: a long document
-# (a 50k-character meeting) would otherwise be tokenized whole only to keep its first few hundred
-# tokens. No tokenizer here makes tokens of 32 characters on average.
-CHARS_PER_TOKEN_BOUND = 32
 
 
 def parsed_rows(batch: dict[str, np.ndarray], parse, counter) -> list[dict]:

@@ -35,13 +35,16 @@ HEALTH_TIMEOUT_S = 10.0
 class Model:
     """A served model: its public name and its deployment's handle."""
 
-    def __init__(self, name: str, kind: str, handle) -> None:
-        self.name, self.kind, self.handle = name, kind, handle
+    def __init__(self, name: str, kind: str, handle, timeout_s: float | None = None) -> None:
+        self.name, self.kind, self.handle, self.timeout_s = name, kind, handle, timeout_s
 
     async def call(self, method: str, *args, **kwargs):
         for attempt in range(REPLICA_RETRIES + 1):
             try:
-                result = await getattr(self.handle, method).remote(*args, **kwargs)
+                result = await asyncio.wait_for(getattr(self.handle, method).remote(*args, **kwargs), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise InputError(f"{self.name} did not answer within {self.timeout_s:g} s (request_timeout_s)",
+                                 code="timeout", status=504) from None
             except (RayActorError, ReplicaUnavailableError):
                 if attempt == REPLICA_RETRIES:
                     raise
@@ -70,6 +73,7 @@ class Api:
         app.add_exception_handler(RayActorError, _unavailable)
         app.add_exception_handler(ReplicaUnavailableError, _unavailable)
         app.add_exception_handler(Exception, _server_error)
+        app.middleware("http")(self.limit_body)
         public = APIRouter()
         public.add_api_route("/health", self.health, methods=["GET"])
         protected = APIRouter(dependencies=[Depends(self.authorize)] if self.api_key else [])
@@ -85,6 +89,19 @@ class Api:
         app.include_router(public)
         app.include_router(protected)
         return app
+
+    async def limit_body(self, request: Request, call_next):
+        """Bodies over max_request_bytes are refused unread, by their Content-Length; a POST without one (a
+        chunked upload of unknown size) is refused too (411): every JSON client sends it."""
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if request.method == "POST" and not (declared and declared.isdigit()):
+            return JSONResponse(error_body("send the body with a Content-Length header", code="length_required"),
+                                status_code=411)
+        if declared and declared.isdigit() and int(declared) > limit:
+            return JSONResponse(error_body(f"request body over this server's limit of {limit} bytes (max_request_bytes)",
+                                           code="request_too_large"), status_code=413)
+        return await call_next(request)
 
     async def authorize(self, credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
         if credentials is None:

@@ -28,7 +28,7 @@ class Gateway:
     def __init__(self, config: ServeConfig, api_key: str | None, names: dict[str, str], embedder=None,
                  sparse=None, reranker=None) -> None:
         def model(kind: str, handle) -> Model | None:
-            return Model(names[kind], kind, handle) if handle is not None else None
+            return Model(names[kind], kind, handle, config.request_timeout_s) if handle is not None else None
 
         self.api = Api(config, api_key, model("embedding", embedder), model("sparse-embedding", sparse),
                        model("rerank", reranker))

@@ -25,6 +25,7 @@ from granite_ray.config import EncoderConfig, ServeConfig
 from granite_ray.encoder import Encoder, pool_windows
 from granite_ray.serve.batching import TokenBudgetBatcher
 from granite_ray.serve.errors import InputError
+from granite_ray.tokenizer import CHARS_PER_TOKEN_BOUND
 
 
 INTERNAL_LOGGING = {"enable_access_log": False}  # gateway-to-model calls; the gateway logs each HTTP request
@@ -63,6 +64,7 @@ class EncoderReplica:
         if config.chunk_overlap >= self.encoder.max_length - self.frame:
             raise ValueError(f"chunk_overlap {config.chunk_overlap} leaves no room in windows of {self.encoder.max_length} tokens")
         self.truncate_by_default = config.long_inputs == "truncate"
+        self.max_windows = config.max_windows_per_input
         self.vocab_size = len(self.encoder.tokenizer)
         self.batcher = TokenBudgetBatcher(self.encoder.embed_token_ids, config.max_batch_tokens, config.batch_wait_timeout_s)
         self.encoder.embed_token_ids([self.encoder.prefix + self.encoder.suffix])  # the first forward's one-off costs
@@ -90,7 +92,11 @@ class EncoderReplica:
                                      param=field, code="invalid_token_id")
             return inputs
         prompt = {"query": self.encoder.query_prompt, "document": self.encoder.document_prompt}.get(prompt_name, "")
-        return self.encoder.token_ids([prompt + text for text in inputs])
+        # Never tokenize more than any policy could read: one token past a window (enough to tell "too long"),
+        # or past the last window a chunked input may have.
+        room = self.encoder.max_length - self.frame
+        cut = (room * self.max_windows + 1) * CHARS_PER_TOKEN_BOUND
+        return self.encoder.token_ids([(prompt + text)[:cut] for text in inputs])
 
     def _windows(self, content: list[int], index: int, field: str, truncate: bool | None,
                  long_documents: str | None) -> list[list[int]]:
@@ -98,7 +104,12 @@ class EncoderReplica:
         if len(content) <= room:
             return [content]
         if long_documents:
-            return self.encoder.windows(content, self.encoder.config.chunk_overlap)
+            windows = self.encoder.windows(content, self.encoder.config.chunk_overlap)
+            if len(windows) > self.max_windows:
+                raise InputError(f"{field}[{index}] makes more than this server's {self.max_windows} windows of "
+                                 f"{self.encoder.max_length} tokens (max_windows_per_input)", param=field,
+                                 code="input_too_long")
+            return windows
         if truncate if truncate is not None else self.truncate_by_default:
             return [content[:room]]
         raise InputError(f"{field}[{index}] has {len(content) + self.frame} tokens, more than the model's limit of "
@@ -150,6 +161,7 @@ class Reranker:
         self.model = rerank.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens,
                                      query_max_length=config.rerank_query_max_length)
         self.truncate_by_default = config.long_inputs == "truncate"
+        self.max_windows = config.max_windows_per_input
         self.pair_frame = self.model.tokenizer.num_special_tokens_to_add(pair=True)
         self.batcher = TokenBudgetBatcher(self.model.score, config.max_batch_tokens, config.batch_wait_timeout_s)
         self.model.score([("warm", "up")])  # the first forward's one-off costs
