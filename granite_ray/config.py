@@ -142,6 +142,10 @@ class StorageConfig(Section):
 
     endpoint_url: str | None = None
     region: str | None = None
+    max_attempts: int = Field(10, gt=0, description="tries per S3 request (AWS standard retries, backoff up to 20 s): "
+                              "about a minute of outage survived")
+    connect_timeout_s: float = Field(10.0, gt=0, description="S3 connection timeout")
+    request_timeout_s: float = Field(60.0, gt=0, description="S3 socket read timeout")
 
 
 class EncoderConfig(Section):
@@ -765,7 +769,8 @@ class ServeConfig(StageConfig):
 
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE")
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE",
+                 "AWS_MAX_ATTEMPTS", "GRANITE_RAY_S3_CONNECT_TIMEOUT", "GRANITE_RAY_S3_REQUEST_TIMEOUT")
 
 JOB_EXCLUDES = (".venv", ".git", "outputs", "runs", "benchmarks/results", "**/__pycache__", "*.egg-info")  # not uploaded
 

@@ -34,6 +34,9 @@ def apply_storage_env(storage: StorageConfig | None) -> None:
         os.environ["AWS_ENDPOINT_URL"] = storage.endpoint_url
     if storage.region:
         os.environ["AWS_REGION"] = storage.region
+    os.environ["AWS_MAX_ATTEMPTS"] = str(storage.max_attempts)  # botocore reads it; pyarrow gets it below
+    os.environ["GRANITE_RAY_S3_CONNECT_TIMEOUT"] = str(storage.connect_timeout_s)
+    os.environ["GRANITE_RAY_S3_REQUEST_TIMEOUT"] = str(storage.request_timeout_s)
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
@@ -44,12 +47,19 @@ def s3_settings() -> dict[str, str | None]:
         "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
         "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
         "session_token": os.environ.get("AWS_SESSION_TOKEN"),
+        # Explicit, not the libraries' defaults (3 tries): StorageConfig's values, exported by apply_storage_env.
+        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or StorageConfig.model_fields["max_attempts"].default),
+        "connect_timeout": float(os.environ.get("GRANITE_RAY_S3_CONNECT_TIMEOUT")
+                                 or StorageConfig.model_fields["connect_timeout_s"].default),
+        "request_timeout": float(os.environ.get("GRANITE_RAY_S3_REQUEST_TIMEOUT")
+                                 or StorageConfig.model_fields["request_timeout_s"].default),
     }
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
     s = s3_settings()
-    kwargs: dict = {"region": s["region"]}
+    kwargs: dict = {"region": s["region"], "connect_timeout": s["connect_timeout"], "request_timeout": s["request_timeout"],
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s["max_attempts"])}
     if s["endpoint_url"]:
         parsed = urlparse(s["endpoint_url"])
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -61,10 +71,13 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 def boto3_client():
     import boto3
+    from botocore.config import Config
 
     s = s3_settings()
     return boto3.client(
         "s3",
+        config=Config(retries={"total_max_attempts": s["max_attempts"], "mode": "standard"},
+                      connect_timeout=s["connect_timeout"], read_timeout=s["request_timeout"]),
         endpoint_url=s["endpoint_url"],
         region_name=s["region"],
         aws_access_key_id=s["access_key"],

@@ -52,3 +52,19 @@ def test_an_object_key_climbing_out_of_the_download_folder_is_refused(tmp_path, 
     with pytest.raises(ValueError, match="outside the download folder"):
         storage.download_dir("s3://bucket/artifact", tmp_path / "copy")
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "bucket" / "escaped.txt").exists()
+
+
+def test_s3_clients_get_explicit_retries_and_timeouts(monkeypatch):
+    """Not the libraries' defaults (3 tries, no timeouts): the config's values, exported for every worker."""
+    from granite_ray.config import StorageConfig
+
+    for name in ("AWS_MAX_ATTEMPTS", "GRANITE_RAY_S3_CONNECT_TIMEOUT", "GRANITE_RAY_S3_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    args = storage.s3_filesystem().__reduce__()[1][0]
+    assert (args["connect_timeout"], args["request_timeout"]) == (10.0, 60.0)
+    storage.apply_storage_env(StorageConfig(max_attempts=7, connect_timeout_s=3, request_timeout_s=30))
+    args = storage.s3_filesystem().__reduce__()[1][0]
+    assert (args["connect_timeout"], args["request_timeout"]) == (3.0, 30.0)
+    config = storage.boto3_client().meta.config
+    assert config.retries["total_max_attempts"] == 7 and (config.connect_timeout, config.read_timeout) == (3.0, 30.0)
