@@ -142,8 +142,8 @@ class StorageConfig(Section):
 
     endpoint_url: str | None = None
     region: str | None = None
-    max_attempts: int = Field(10, gt=0, description="tries per S3 request (AWS standard retries, backoff up to 20 s): "
-                              "about a minute of outage survived")
+    max_attempts: int = Field(10, gt=0, description="tries per S3 request (AWS standard retries: "
+                              "jittered exponential backoff, each wait at most 20 s)")
     connect_timeout_s: float = Field(10.0, gt=0, description="S3 connection timeout")
     request_timeout_s: float = Field(60.0, gt=0, description="S3 socket read timeout")
 
