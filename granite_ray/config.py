@@ -473,6 +473,9 @@ class RetrieverStageConfig(StageConfig):
     def _equal_batches(self) -> "RetrieverStageConfig":
         if len(self.data.datasets) > 1 and self.train.data_sharding == "stride":
             raise ValueError("train.data_sharding: stride reads one ordered dataset; a mixture of datasets needs split")
+        if "drop_last" in self.train.model_fields_set and not self.train.drop_last:
+            raise ValueError("train.drop_last: the embedding stages need it true (gathered embeddings need every "
+                             "worker's batch to have one shape)")
         self.train.drop_last = True  # gathered embeddings need every worker's batch to have one shape
         return self
 

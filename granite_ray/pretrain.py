@@ -12,7 +12,7 @@ from granite_ray import storage
 from granite_ray.config import DataConfig, PretrainMLMConfig, TokenizerConfig, TrainTokenizerConfig, dump_config
 from granite_ray.data.corpus import read_corpus
 from granite_ray.data.packing import TokenizeAndPack
-from granite_ray.runtime import init_ray
+from granite_ray.runtime import init_ray, log
 from granite_ray.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from granite_ray.train.loop import run_training
 
@@ -29,7 +29,7 @@ def obtain_tokenizer(tok_cfg: TokenizerConfig, data: DataConfig, model_init_from
     source = model_init_from or tok_cfg.path
     if source:
         return load_tokenizer(source)
-    print(f"[granite-ray] training a {tok_cfg.vocab_size}-token BPE tokenizer on up to {tok_cfg.train_docs} documents", flush=True)
+    log(f"training a {tok_cfg.vocab_size}-token BPE tokenizer on up to {tok_cfg.train_docs} documents")
     return train_tokenizer(stream_texts(data, tok_cfg.train_docs), tok_cfg.vocab_size, tok_cfg.min_frequency)
 
 
@@ -58,7 +58,7 @@ def run_train_tokenizer(config: TrainTokenizerConfig) -> str:
     tokenizer = obtain_tokenizer(config.tokenizer, config.data)
     save_tokenizer(tokenizer, config.output_uri)
     storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
-    print(f"[granite-ray] tokenizer ({len(tokenizer)} tokens) written to {config.output_uri}", flush=True)
+    log(f"tokenizer ({len(tokenizer)} tokens) written to {config.output_uri}")
     return config.output_uri
 
 
@@ -70,6 +70,6 @@ def run_pretrain_mlm(config: PretrainMLMConfig) -> str:
     dropped = ray.get(counter.totals.remote())
     stats = {"dropped_rows": dropped, "final_metrics": result.metrics}
     storage.write_bytes(storage.join(config.output_uri, "data_stats.json"), json.dumps(stats, indent=2).encode())
-    print(f"[granite-ray] dropped malformed rows: {dropped or 'none'}", flush=True)
-    print(f"[granite-ray] artifact written to {config.output_uri}", flush=True)
+    log(f"dropped malformed rows: {dropped or 'none'}")
+    log(f"artifact written to {config.output_uri}")
     return config.output_uri
