@@ -23,7 +23,6 @@ class MLMObjective:
         self.tokenizer = tokenizer
         self.special_ids = torch.tensor(sorted(tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS.values()))))
         self.replacements = replacement_ids(tokenizer)
-        self.generator = torch.Generator().manual_seed(config.train.seed)
         self.attn_implementation = "sdpa"
 
     def build_model(self) -> torch.nn.Module:
@@ -35,16 +34,11 @@ class MLMObjective:
     def flops_per_token(self, model: torch.nn.Module) -> float:
         return encoder_flops_per_token(model.config, self.config.data.max_seq_len, self.config.data.mlm_probability)
 
-    def reseed(self, rank: int, step: int) -> None:
-        """Masks differ across workers and continue deterministically after a resume."""
-        self.generator.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, step]).generate_state(1)[0]))
-
     def batch_inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict:
         ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
         maskable = ~torch.isin(ids, self.special_ids)
         inputs, labels = mask_tokens(
             ids, maskable, self.config.data.mlm_probability, self.tokenizer.mask_token_id, self.replacements,
-            generator=self.generator,
         )
         kwargs = packed_model_inputs(batch["seq_lens"], ids.shape[1], self.attn_implementation, self.half_window, device)
         return {"input_ids": inputs.to(device), "labels": labels.to(device), **kwargs,

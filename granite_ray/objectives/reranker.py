@@ -67,9 +67,6 @@ class RerankerObjective:
     def flops_per_token(self, model: nn.Module) -> float:
         return dense_flops_per_token(model)
 
-    def reseed(self, rank: int, step: int) -> None:
-        torch.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, step]).generate_state(1)[0]))
-
     def batch_inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict:
         sequences = [list(pair) for pairs in batch["pairs"] for pair in pairs]
         types = [list(t) for row in batch["types"] for t in row] if "types" in batch else None

@@ -89,9 +89,6 @@ class EmbeddingObjective:
             return dense_flops_per_token(model)
         return encoder_flops_per_token(cfg, self.config.data.passage_max_len, predicted_fraction=0.0)
 
-    def reseed(self, rank: int, step: int) -> None:
-        torch.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, step]).generate_state(1)[0]))
-
     def batch_inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict:
         rows = len(batch["query"])
         sequences = [list(q) for q in batch["query"]] + [list(p) for p in batch["pos"]]

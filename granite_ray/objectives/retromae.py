@@ -90,7 +90,6 @@ class RetroMAEObjective:
         self.tokenizer = tokenizer
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.replacements = replacement_ids(tokenizer)
-        self.generator = torch.Generator().manual_seed(config.train.seed)
         self.parts = {"encoder_loss": 0.0, "decoder_loss": 0.0, "count": 0}
 
     def build_model(self) -> nn.Module:
@@ -106,16 +105,13 @@ class RetroMAEObjective:
             return dense_flops_per_token(model)
         return encoder_flops_per_token(cfg, self.config.data.max_seq_len, self.config.data.mlm_probability)
 
-    def reseed(self, rank: int, step: int) -> None:
-        self.generator.manual_seed(int(np.random.SeedSequence([self.config.train.seed, rank, step]).generate_state(1)[0]))
-
     def batch_inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict:
         encoded = [np.asarray(e, dtype=np.int64) for e in batch["enc"]]
         targets = [np.asarray(d, dtype=np.int64) if len(d) else e for e, d in zip(encoded, batch["dec"])]
         lens = [len(e) for e in encoded]
         ids = torch.from_numpy(np.concatenate(encoded))[None]
         inputs, labels = mask_tokens(ids, ~torch.isin(ids, self.special_ids), self.config.data.mlm_probability,
-                                     self.tokenizer.mask_token_id, self.replacements, generator=self.generator)
+                                     self.tokenizer.mask_token_id, self.replacements)
         packed = packed_model_inputs([lens], ids.shape[1], self.attn_implementation, self.half_window, device)
         if not self.layer_types:
             packed.pop("attention_mask")
@@ -129,12 +125,12 @@ class RetroMAEObjective:
         p = self.config.decoder_mask_probability
         if self.config.decoder_targets == "masked":
             # One mask per target: every row sees the unmasked content and CLS; only masked positions are rebuilt.
-            hidden = (torch.rand((len(targets), longest), generator=self.generator) < p) & (target_labels != IGNORE_INDEX)
+            hidden = (torch.rand((len(targets), longest)) < p) & (target_labels != IGNORE_INDEX)
             target_labels = target_labels.masked_fill(~hidden, IGNORE_INDEX)
             visible = (real & ~hidden)[:, None, :].expand(-1, longest, -1) & ~torch.eye(longest, dtype=torch.bool)[None]
         else:
             # Each query row sees a random sample of the real content positions, never itself, always CLS.
-            keep = torch.rand((len(targets), longest, longest), generator=self.generator) >= p
+            keep = torch.rand((len(targets), longest, longest)) >= p
             visible = keep & real[:, None, :] & ~torch.eye(longest, dtype=torch.bool)[None]
         visible = visible.clone()
         visible[:, :, 0] = True

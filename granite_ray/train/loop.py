@@ -1,7 +1,8 @@
 """The one Ray Train loop. Stages differ by their objective and data, never by a copy of this loop.
 
-An objective provides: build_model(), flops_per_token(model), reseed(rank, micro_step),
-batch_inputs(batch, device), loss(model, inputs) and save_artifact(model, uri, extra_files);
+An objective provides: build_model(), flops_per_token(model), batch_inputs(batch, device),
+loss(model, inputs) and save_artifact(model, uri, extra_files); the loop seeds torch before each
+micro-step (`step_seed`), so masks and dropout drawn there are reproducible on resume;
 optionally forward_backward(strategy, inputs, scale, boundary, autocast) when it runs its own
 backward passes (GradCache). An objective with a `step` attribute has it set to the optimizer
 step before each batch (for schedules of its own, e.g. regularizer warm-up).
@@ -52,6 +53,11 @@ def _objective_for(config_tree: dict, tokenizer_files: dict[str, bytes]):
         tokenizer = AutoTokenizer.from_pretrained(tmp)  # the stage's entry checked it (MLM's special tokens)
     return config, stage.objective_cls(config, tokenizer)
 
+
+
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """The torch seed of one worker's micro-step: every draw of a step (MLM masks, dropout) is reproducible."""
+    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
 
 
 def _global_sum(values: list[float], device: torch.device) -> list[float]:
@@ -243,7 +249,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batches = _strided_batches(batches, rank, world, tc.batch_size, state["epoch_rows"])
         for batch in batches:
             seen_batch = True
-            objective.reseed(rank, state["step"] * tc.grad_accum_steps + micro % tc.grad_accum_steps)
+            # Masks and dropout differ across workers and continue deterministically after a resume.
+            torch.manual_seed(step_seed(tc.seed, rank, state["step"] * tc.grad_accum_steps + micro % tc.grad_accum_steps))
             if hasattr(objective, "step"):
                 objective.step = state["step"]
             inputs = objective.batch_inputs(batch, device)
