@@ -117,8 +117,6 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", False)
-    if causal and sliding_window is not None:
-        raise NotImplementedError("sdpa_varlen: causal attention with a sliding window; use flash_attention_2")
     batch, heads, row_len, head_dim = query.shape
     if key.shape[1] != heads:  # grouped-query attention (Llama, Mistral): each key/value head serves several
         key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
@@ -128,9 +126,11 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     outputs = []
     for (_, count, length), *qkv in zip(runs, *pieces):
         q, k, v = (t.reshape(heads, count, length, head_dim).transpose(0, 1) for t in qkv)
+        band = _band(length, sliding_window, q.dtype, q.device)
+        if causal and band is not None:  # a decoder's sliding window (Mistral, Qwen2): the band's lower half
+            band = band.masked_fill(torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=_band(length, sliding_window, q.dtype, q.device), dropout_p=dropout, scale=scaling,
-            is_causal=bool(causal) and length > 1)
+            q, k, v, attn_mask=band, dropout_p=dropout, scale=scaling, is_causal=bool(causal) and band is None and length > 1)
         outputs.append(out.transpose(1, 2).reshape(count * length, heads, head_dim))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return out.reshape(batch, row_len, heads, head_dim), None

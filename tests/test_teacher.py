@@ -63,6 +63,31 @@ def test_packed_decoder_attention_is_causal_within_each_text():
     torch.testing.assert_close(packed[8:11], prefix, atol=1e-5, rtol=1e-4)  # no token sees the ones after it
 
 
+def test_packed_sliding_window_decoder_attention_equals_each_text_alone():
+    """Mistral-style causal attention within a 3-token window, packed: each text as if it ran alone."""
+    import granite_ray.attention  # noqa: F401
+    from transformers import AutoModel, MistralConfig
+
+    from granite_ray.encoder import packed_hidden_states
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=64, sliding_window=3)
+    model = AutoModel.from_config(config, attn_implementation="sdpa_varlen").eval()
+    reference = AutoModel.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    reference.load_state_dict(model.state_dict())
+    texts = [[1, 5, 6, 7, 8, 9, 2], [1, 8, 2], [1, 9, 10, 11, 12, 13, 14, 15, 2]]
+    with torch.no_grad():
+        packed, _ = packed_hidden_states(model, texts, None, torch.device("cpu"))
+        alone = torch.cat([reference(input_ids=torch.tensor([t])).last_hidden_state[0] for t in texts])
+        unwindowed = AutoModel.from_config(MistralConfig(**{**config.to_dict(), "sliding_window": None}),
+                                           attn_implementation="eager").eval()
+        unwindowed.load_state_dict(model.state_dict())
+        wide = unwindowed(input_ids=torch.tensor([texts[2]])).last_hidden_state[0]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    assert (wide - alone[10:]).abs().max() > 1e-3  # the window changed the result: the test can fail
+
+
 def test_vllm_teacher_scores_pool_the_eos_its_tokenizer_leaves_out(ray_local, tmp_path, smollm2):
     """SmolLM2's tokenizer appends no EOS; teacher-scores appends it, so vLLM's LAST pooling reads the
     hidden state at EOS (computed here with transformers) and not at the text's last word."""
