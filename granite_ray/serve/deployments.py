@@ -161,7 +161,6 @@ class Reranker:
         self.model = rerank.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens,
                                      query_max_length=config.rerank_query_max_length)
         self.truncate_by_default = config.long_inputs == "truncate"
-        self.max_windows = config.max_windows_per_input
         self.pair_frame = self.model.tokenizer.num_special_tokens_to_add(pair=True)
         self.batcher = TokenBudgetBatcher(self.model.score, config.max_batch_tokens, config.batch_wait_timeout_s)
         self.model.score([("warm", "up")])  # the first forward's one-off costs
