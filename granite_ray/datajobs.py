@@ -45,12 +45,9 @@ def read_tables(config: TablesConfig, counter) -> ray.data.Dataset:
     return ds.limit(config.max_tables) if config.max_tables else ds
 
 
-def _write_stats(uri: str, stats: dict) -> None:
-    storage.write_bytes(storage.join(uri, "stats.json"), json.dumps(stats, indent=2).encode())
-
-
 def run_summarize_tables(config: SummarizeTablesConfig) -> str:
     """Tables -> parquet rows of table + LLM summary (+ parsed title, columns, key facts)."""
+    storage.begin_output(config.output_uri, dump_config(config).encode())
     init_ray(config)
     counter = DropCounter.remote()
     backend = resolved_backend(config.llm)
@@ -62,14 +59,14 @@ def run_summarize_tables(config: SummarizeTablesConfig) -> str:
         **actor_resources(config.llm))
     fs, path = storage.resolve(storage.join(config.output_uri, "summaries"))
     summaries.write_parquet(path, filesystem=fs)
+    storage.commit_output(config.output_uri)
     rejected = ray.get(counter.examples.remote())
     written = sum(pq_rows for pq_rows in _parquet_row_counts(storage.join(config.output_uri, "summaries")))
     stats = {"tables_summarized": written, "tables_rejected": len(rejected.get("bad_table", [])),
              "rejected": rejected.get("bad_table", [])[:100], "backend": backend, "model": config.llm.model}
     for reason in stats["rejected"][:5]:
         log(f"skipped a table: {reason}")
-    _write_stats(config.output_uri, stats)
-    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    storage.add_to_output(config.output_uri, "stats.json", json.dumps(stats, indent=2).encode())
     log(f"{written} table summaries written to {config.output_uri}/summaries ({stats['tables_rejected']} tables skipped)")
     return config.output_uri
 
@@ -94,6 +91,7 @@ def _scoring_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def run_teacher_scores(config: TeacherScoresConfig) -> str:
     """{query, pos, neg} rows -> the same rows with pos_scores and neg_scores from the teacher."""
+    storage.begin_output(config.output_uri, dump_config(config).encode())
     init_ray(config)
     backend = resolved_backend(config.llm)
     scored = read_record_lines(resolve_files([config.input_uri], field="input_uri")).map_batches(_scoring_rows, batch_size=None, num_cpus=0.25).map_batches(
@@ -103,6 +101,6 @@ def run_teacher_scores(config: TeacherScoresConfig) -> str:
         **actor_resources(config.llm))
     fs, path = storage.resolve(storage.join(config.output_uri, "scores"))
     scored.write_json(path, filesystem=fs)
-    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    storage.commit_output(config.output_uri)
     log(f"teacher scores written to {config.output_uri}/scores")
     return config.output_uri

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from granite_ray import storage
 from granite_ray.config import MergeConfig, dump_config
-from granite_ray.model import CONFIG_FILE
+from granite_ray.storage import CONFIG_FILE
 from granite_ray.runtime import log
 
 
@@ -63,6 +63,6 @@ def run_merge(config: MergeConfig) -> str:
         shutil.copytree(folders[0], out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
         save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / CONFIG_FILE).write_text(dump_config(config))
-        storage.upload_dir(out, config.output_uri)
+        storage.publish_dir(out, config.output_uri)
     log(f"merged {len(config.models)} checkpoints (weights {', '.join(f'{w:g}' for w in weights)}) into {config.output_uri}")
     return config.output_uri

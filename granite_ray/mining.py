@@ -84,6 +84,7 @@ def first_queries(dataset: BeirDataset, count: int) -> BeirDataset:
 
 
 def run_mine_negatives(config: MineNegativesConfig) -> str:
+    storage.begin_output(config.output_uri, dump_config(config).encode())
     init_ray(config)
     dataset = load_beir(config.dataset, config.split, config.query_format)
     if config.max_queries:
@@ -132,7 +133,7 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
              "rows_with_fewer_negatives": short, "margin": config.margin, "top_k": config.top_k,
              "passage_words": passages.words if passages else None}
     storage.write_bytes(storage.join(config.output_uri, "stats.json"), json.dumps(stats, indent=2).encode())
-    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    storage.commit_output(config.output_uri)
     log(f"{len(rows)} rows written to {config.output_uri}/mined.jsonl ({short} with fewer than {config.negatives} negatives)", TAG)
     return config.output_uri
 

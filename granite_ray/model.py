@@ -19,9 +19,8 @@ import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import ModelConfig, StageConfig, dump_config
 from granite_ray.losses.linear_cross_entropy import linear_cross_entropy
+from granite_ray.storage import CONFIG_FILE
 from granite_ray.tokenizer import model_vocab_size
-
-CONFIG_FILE = "granite_ray.yaml"
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -179,7 +178,7 @@ def write_artifact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
         for name, data in files.items():
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_bytes(data)
-        storage.upload_dir(out, uri)
+        storage.publish_dir(out, uri)
 
 
 def save_artifact(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: StageConfig, uri: str,

@@ -214,7 +214,7 @@ class PipelineRunner:
         if not entry or entry.get("config_hash") != stage.config_hash or ran.intersection(stage.inputs):
             return False
         if entry.get("status") == "succeeded":
-            return storage.exists(stage.artifact)
+            return storage.is_complete(stage.artifact)
         if entry.get("status") == "serving":
             try:
                 return str(client.get_job_status(entry["job_id"])) == "RUNNING"

@@ -56,8 +56,7 @@ def packed_dataset(data: DataConfig, tokenizer):
 def run_train_tokenizer(config: TrainTokenizerConfig) -> str:
     init_ray(config)
     tokenizer = obtain_tokenizer(config.tokenizer, config.data)
-    save_tokenizer(tokenizer, config.output_uri)
-    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    save_tokenizer(tokenizer, config.output_uri, dump_config(config))
     log(f"tokenizer ({len(tokenizer)} tokens) written to {config.output_uri}")
     return config.output_uri
 
@@ -69,7 +68,7 @@ def run_pretrain_mlm(config: PretrainMLMConfig) -> str:
     result = run_training(config, {"train": packed}, tokenizer_files(tokenizer))
     dropped = ray.get(counter.totals.remote())
     stats = {"dropped_rows": dropped, "final_metrics": result.metrics}
-    storage.write_bytes(storage.join(config.output_uri, "data_stats.json"), json.dumps(stats, indent=2).encode())
+    storage.add_to_output(config.output_uri, "data_stats.json", json.dumps(stats, indent=2).encode())
     log(f"dropped malformed rows: {dropped or 'none'}")
     log(f"artifact written to {config.output_uri}")
     return config.output_uri

@@ -51,7 +51,7 @@ def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
     dropped = ray.get(counter.examples.remote())
     stats = {"rows": sizes, "sampling_weights": weights, "dropped_rows": {k: len(v) for k, v in dropped.items()},
              "dropped_examples": {k: v[:20] for k, v in dropped.items()}, "final_metrics": result.metrics}
-    storage.write_bytes(storage.join(config.output_uri, "data_stats.json"), json.dumps(stats, indent=2).encode())
+    storage.add_to_output(config.output_uri, "data_stats.json", json.dumps(stats, indent=2).encode())
     for reason, rows in dropped.items():
         log(f"dropped {len(rows)} rows ({reason}), e.g. {rows[0]}")
     log(f"artifact written to {config.output_uri}")

@@ -112,6 +112,6 @@ def run_retromae(config: RetroMAEConfig) -> str:
     result = run_training(config, {name: sources[name] for name in weights}, tokenizer_files(tokenizer), weights)
     dropped = ray.get(counter.totals.remote())
     stats = {"dropped_rows": dropped, "sampling_weights": weights, "final_metrics": result.metrics}
-    storage.write_bytes(storage.join(config.output_uri, "data_stats.json"), json.dumps(stats, indent=2).encode())
+    storage.add_to_output(config.output_uri, "data_stats.json", json.dumps(stats, indent=2).encode())
     log(f"artifact written to {config.output_uri}")
     return config.output_uri

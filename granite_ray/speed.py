@@ -74,6 +74,7 @@ def measure(model_uri: str, texts: list[str], config: SpeedConfig, packed: bool)
 
 def run_speed(config: SpeedConfig) -> dict:
     texts = read_texts(config.corpus, config.max_docs)
+    storage.begin_output(config.output_uri, dump_config(config).encode())
     results = {}
     for model_uri in config.models:
         label = model_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -86,5 +87,5 @@ def run_speed(config: SpeedConfig) -> dict:
         if {"padded", "packed"} <= set(results[label]):
             results[label]["packed_over_padded"] = results[label]["packed"]["chunks_per_s"] / results[label]["padded"]["chunks_per_s"]
     storage.write_bytes(storage.join(config.output_uri, "speed.json"), json.dumps(results, indent=2).encode())
-    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    storage.commit_output(config.output_uri)
     return results

@@ -57,6 +57,7 @@ def assigned_queries(config: SplitQueriesConfig) -> tuple[dict[str, dict[str, di
 
 def run_split_queries(config: SplitQueriesConfig) -> str:
     splits, how = assigned_queries(config)
+    storage.begin_output(config.output_uri, dump_config(config).encode())
     qrels_by_split = {name: [f"{q}\t{doc}\t{score}" for q in sorted(qrels) for doc, score in sorted(qrels[q].items())]
                       for name, qrels in splits.items()}
     queries_by_split = {name: len(qrels) for name, qrels in splits.items()}
@@ -68,6 +69,6 @@ def run_split_queries(config: SplitQueriesConfig) -> str:
     stats = {"source": config.dataset, "source_split": config.split if config.fractions else None,
              "fractions": config.fractions, "seed": config.seed, "queries": queries_by_split}
     storage.write_bytes(storage.join(config.output_uri, "stats.json"), json.dumps(stats, indent=2).encode())
-    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    storage.commit_output(config.output_uri)
     log(f"{how} into {queries_by_split} at {config.output_uri}", TAG)
     return config.output_uri

@@ -8,6 +8,8 @@ workers, boto3 clients and pyarrow all see the same endpoint.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +22,17 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from granite_ray.config import StorageConfig
+from granite_ray.errors import UserError
+
+# Every folder granite-ray writes (artifact or stage output) holds its resolved config, written first,
+# and, once the last file is in place, a manifest of its files: a folder with the one and not the other
+# was cut off mid-write, and every reader refuses it.
+CONFIG_FILE = "granite_ray.yaml"
+MANIFEST_FILE = "_granite_ray_complete.json"
+
+
+class IncompleteOutput(UserError):
+    """A folder granite-ray began writing and never completed (or whose files changed since)."""
 
 
 def is_s3(uri: str) -> bool:
@@ -124,8 +137,11 @@ def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     else:
         infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
     prefix = "s3://" if is_s3(uri) else ""
+    committed = _committed_sizes(fs, path if info.type == pafs.FileType.Directory else path.rsplit("/", 1)[0])
     out = []
     for i in infos:
+        if committed is not None and i.path not in committed:  # a stale file of an earlier attempt
+            continue
         name = i.path.rsplit("/", 1)[-1]
         if name.startswith((".", "_")):
             continue
@@ -133,8 +149,104 @@ def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
             continue
         if suffixes and not name.endswith(suffixes):
             continue
+        if committed is not None and committed[i.path] != i.size:
+            raise IncompleteOutput(f"{prefix + i.path}: {i.size} bytes, its manifest says {committed[i.path]}; "
+                                   "it changed after its stage completed: re-run that stage")
         out.append(prefix + i.path)
     return sorted(out)
+
+
+def _manifest_of(fs: pafs.FileSystem, folder: str) -> dict | None:
+    """The folder's completion manifest; None for a folder granite-ray did not write (a user's corpus or model).
+    Raises IncompleteOutput for one it began and never completed."""
+    info = {i.path.rsplit("/", 1)[-1]: i for i in fs.get_file_info([f"{folder}/{MANIFEST_FILE}", f"{folder}/{CONFIG_FILE}"])}
+    if info[MANIFEST_FILE].type == pafs.FileType.File:
+        with fs.open_input_stream(f"{folder}/{MANIFEST_FILE}") as f:
+            return json.loads(f.read())
+    if info[CONFIG_FILE].type == pafs.FileType.File:
+        shown = ("s3://" if isinstance(fs, pafs.S3FileSystem) else "") + folder
+        raise IncompleteOutput(f"{shown}: incomplete (it has {CONFIG_FILE} but no {MANIFEST_FILE}): the stage writing it "
+                               "stopped before it finished; re-run that stage")
+    return None
+
+
+def _committed_sizes(fs: pafs.FileSystem, folder: str) -> dict[str, int] | None:
+    """{path: size} of the files the manifest governing `folder` lists (its own, else its parent's, as for
+    `<output>/scores`); None when neither folder was written by granite-ray."""
+    for candidate in (folder, folder.rsplit("/", 1)[0]):
+        manifest = _manifest_of(fs, candidate)
+        if manifest is not None:
+            return {f"{candidate}/{entry['path']}": entry["size"] for entry in manifest["files"]}
+    return None
+
+
+def _replaceable(fs: pafs.FileSystem, path: str, uri: str) -> bool:
+    """Whether an output folder already exists, refusing one that holds a user's files (never deleted):
+    granite-ray replaces only a folder it wrote, or an empty one."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return False
+    if info.type != pafs.FileType.Directory:
+        raise UserError(f"output {uri} is a file; give a folder")
+    ours = fs.get_file_info([f"{path}/{MANIFEST_FILE}", f"{path}/{CONFIG_FILE}"])
+    if not any(i.type == pafs.FileType.File for i in ours) and fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        raise UserError(f"output {uri} holds files granite-ray did not write; give an empty or new folder")
+    return True
+
+
+def begin_output(uri: str, config_yaml: bytes) -> None:
+    """Start a stage's output folder: clear an earlier run's files, write the resolved config first
+    (the mark that makes a cut-off folder recognisable). `commit_output` completes it."""
+    fs, path = resolve(uri)
+    if _replaceable(fs, path, uri):  # an earlier run's files go, so a re-run never mixes with them
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+    write_bytes(join(uri, CONFIG_FILE), config_yaml)
+
+
+def commit_output(uri: str) -> None:
+    """Make a stage's output visible: a manifest of every file now under it (path, size), written last."""
+    fs, path = resolve(uri)
+    files = []
+    for item in sorted(fs.get_file_info(pafs.FileSelector(path, recursive=True)), key=lambda i: i.path):
+        name = item.path[len(path):].lstrip("/")
+        if item.type == pafs.FileType.File and name != MANIFEST_FILE and not name.endswith(".partial"):
+            files.append({"path": name, "size": item.size})
+    write_bytes(join(uri, MANIFEST_FILE), json.dumps({"files": files}, indent=1).encode())
+
+
+def add_to_output(uri: str, name: str, data: bytes) -> None:
+    """One file written into a completed output (e.g. a training stage's data_stats.json), then added to
+    its manifest; nothing else that appeared since the commit is."""
+    write_bytes(join(uri, name), data)
+    manifest = json.loads(read_bytes(join(uri, MANIFEST_FILE)))
+    manifest["files"] = [e for e in manifest["files"] if e["path"] != name] + [{"path": name, "size": len(data)}]
+    write_bytes(join(uri, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
+
+
+def require_complete(uri: str) -> None:
+    """Raise IncompleteOutput when `uri` (a folder or a file in one) lies in an output granite-ray left incomplete."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    _committed_sizes(fs, path if info.type == pafs.FileType.Directory else path.rsplit("/", 1)[0])
+
+
+def is_complete(uri: str) -> bool:
+    """Whether `uri` exists and is not in a folder granite-ray left incomplete."""
+    if not exists(uri):
+        return False
+    try:
+        require_complete(uri)
+    except IncompleteOutput:
+        return False
+    return True
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_bytes(uri: str) -> bytes:
@@ -171,36 +283,67 @@ def copy_file(src: str, dst: str) -> None:
     pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
-def upload_dir(local_dir: str | Path, uri: str) -> None:
-    """Copy a local directory to a local or s3:// destination (replacing files of the same name)."""
+def publish_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a finished local folder to a local or s3:// destination that readers see whole or not at all.
+
+    Locally the copy is staged beside the destination and renamed over it; on S3 the earlier run's
+    objects are deleted, the config goes first, the manifest (sizes, sha256) last."""
     local_dir = Path(local_dir)
-    if not is_s3(uri):
-        dest = Path(uri).expanduser()
-        if dest.resolve() != local_dir.resolve():
-            shutil.copytree(local_dir, dest, dirs_exist_ok=True)
-        return
+    files = sorted((f.relative_to(local_dir).as_posix(), f) for f in local_dir.rglob("*")
+                   if f.is_file() and f.name != MANIFEST_FILE)
+    checksums = {name: _sha256(f) for name, f in files}
+    manifest = json.dumps({"files": [{"path": name, "size": f.stat().st_size, "sha256": checksums[name]}
+                                     for name, f in files]}, indent=1).encode()
     fs, base = resolve(uri)
-    for f in sorted(local_dir.rglob("*")):
-        if f.is_file():
-            pafs.copy_files(str(f), f"{base}/{f.relative_to(local_dir).as_posix()}",
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    replacing = _replaceable(fs, base, uri)  # refuses a user's folder before anything moves
+    if not is_s3(uri):
+        dest = Path(base)
+        staged, aside = (dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.{kind}" for kind in ("partial", "old"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(local_dir, staged, ignore=shutil.ignore_patterns(MANIFEST_FILE))
+            (staged / MANIFEST_FILE).write_bytes(manifest)
+            if replacing:
+                os.replace(dest, aside)
+            os.replace(staged, dest)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
+        return
+    if replacing:
+        fs.delete_dir_contents(base, missing_dir_ok=True)
+    first = sorted(files, key=lambda item: item[0] != CONFIG_FILE)  # the config marks the folder as ours
+    for name, f in first:
+        pafs.copy_files(str(f), f"{base}/{name}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    write_bytes(join(uri, MANIFEST_FILE), manifest)
 
 
 def download_dir(uri: str, local_dir: str | Path) -> Path:
+    """A folder's files (only those its manifest lists, each checked against its size and sha256)."""
     local_dir = Path(local_dir)
     fs, base = resolve(uri)
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"not a directory: {uri}")
-    for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        if item.type != pafs.FileType.File:
-            continue
-        target = (local_dir / item.path[len(base):].lstrip("/")).resolve()
+    manifest = _manifest_of(fs, base)
+    if manifest is not None:
+        entries = manifest["files"]
+    else:
+        entries = [{"path": item.path[len(base):].lstrip("/"), "size": item.size}
+                   for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if item.type == pafs.FileType.File]
+    for entry in entries:
+        target = (local_dir / entry["path"]).resolve()
         if not target.is_relative_to(local_dir.resolve()):  # an object key with ../ would write outside
-            raise ValueError(f"{uri}: object {item.path!r} resolves outside the download folder")
+            raise ValueError(f"{uri}: object {entry['path']!r} resolves outside the download folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(item.path) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=8 << 20)
+        digest = hashlib.sha256()
+        with fs.open_input_stream(f"{base}/{entry['path']}") as src, open(target, "wb") as dst:
+            while chunk := src.read(8 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+        if entry["size"] is not None and target.stat().st_size != entry["size"] or entry.get("sha256", digest.hexdigest()) != digest.hexdigest():
+            raise IncompleteOutput(f"{uri}/{entry['path']}: differs from its manifest (size or sha256); "
+                                   "it changed after its stage completed: re-run that stage")
     return local_dir
 
 
@@ -211,6 +354,11 @@ def local_copy(uri: str) -> Iterator[Path]:
         path = Path(uri).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"no such artifact: {uri}")
+        if path.is_dir() and (manifest := _manifest_of(pafs.LocalFileSystem(), bare_path(uri))) is not None:
+            changed = [e["path"] for e in manifest["files"]
+                       if not (path / e["path"]).is_file() or (path / e["path"]).stat().st_size != e["size"]]
+            if changed:
+                raise IncompleteOutput(f"{uri}: {changed[0]} is missing or differs from its manifest; re-run the stage that wrote it")
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="granite-ray-") as tmp:

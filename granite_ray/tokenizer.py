@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -51,10 +52,13 @@ def load_tokenizer(uri: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, uri: str) -> None:
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, uri: str, config_yaml: str | None = None) -> None:
+    """A tokenizer folder, with the stage's resolved config when a stage wrote it."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        storage.upload_dir(tmp, uri)
+        if config_yaml is not None:
+            (Path(tmp) / storage.CONFIG_FILE).write_text(config_yaml)
+        storage.publish_dir(tmp, uri)
 
 
 def appends_eos(tokenizer) -> bool:

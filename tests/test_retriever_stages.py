@@ -118,7 +118,7 @@ def test_distillation_stage_from_s3_artifact_to_s3_artifact_learns_teacher_order
     from granite_ray import storage
     from granite_ray.retriever import run_embedding_stage
 
-    storage.upload_dir(minilm_path, f"s3://{bucket}/minilm")
+    storage.publish_dir(minilm_path, f"s3://{bucket}/minilm")
     storage.write_bytes(f"s3://{bucket}/kd/rows.jsonl", pairs.read_bytes())
     config = load_config(DistillConfig, None, [
         f"model.init_from=s3://{bucket}/minilm", f"data.datasets=[s3://{bucket}/kd]", "data.negatives=2",
@@ -339,7 +339,7 @@ def test_conversational_adaptation_runs_as_a_ray_job_from_s3_artifact_to_s3_arti
         rows.append({"query": queries[q], "pos": [docs[d]], "neg": [docs[n] for n in negs],
                      "pos_scores": [float(emb[0] @ emb[1])], "neg_scores": [float(emb[0] @ e) for e in emb[2:]]})
     storage.write_bytes(f"s3://{bucket}/conversations/rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-    storage.upload_dir(minilm_path, f"s3://{bucket}/minilm")
+    storage.publish_dir(minilm_path, f"s3://{bucket}/minilm")
     head = LocalHead(num_cpus=2).start()
     try:
         status, logs = submit_and_wait(head, (

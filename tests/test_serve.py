@@ -73,7 +73,7 @@ def server(ray_local, s3, minilm_path, reranker_path, sparse_path):
 
     bucket = f"serve-{uuid.uuid4().hex[:8]}"
     s3.client().create_bucket(Bucket=bucket)
-    storage.upload_dir(sparse_path, f"s3://{bucket}/splade")
+    storage.publish_dir(sparse_path, f"s3://{bucket}/splade")
     port = free_port()
     config = load_config(ServeConfig, None, [
         f"embedder=minilm={minilm_path}", f"reranker=rr={reranker_path}", f"sparse=splade=s3://{bucket}/splade",

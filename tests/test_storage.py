@@ -68,3 +68,106 @@ def test_s3_clients_get_explicit_retries_and_timeouts(monkeypatch):
     assert (args["connect_timeout"], args["request_timeout"]) == (3.0, 30.0)
     config = storage.boto3_client().meta.config
     assert config.retries["total_max_attempts"] == 7 and (config.connect_timeout, config.read_timeout) == (3.0, 30.0)
+
+
+def _artifact(folder, weights: bytes, extra: dict[str, bytes] | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in {storage.CONFIG_FILE: b"stage: test\n", "model.safetensors": weights, **(extra or {})}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_a_local_artifact_is_replaced_whole_and_a_damaged_one_refused(tmp_path):
+    """Rename-swap publishing: the re-run's files, none of the earlier run's; a file cut short after the
+    manifest was written (or a folder with our config and no manifest) is refused with one line."""
+    dest = tmp_path / "runs" / "model"
+    storage.publish_dir(_artifact(tmp_path / "a", b"A" * 1000, {"stale.bin": b"old"}), str(dest))
+    storage.publish_dir(_artifact(tmp_path / "b", b"B" * 2000), str(dest))
+    assert sorted(p.name for p in dest.iterdir()) == [storage.MANIFEST_FILE, storage.CONFIG_FILE, "model.safetensors"]
+    assert [p.name for p in dest.parent.iterdir()] == ["model"]  # no staged or set-aside copy left
+    with storage.local_copy(str(dest)) as folder:
+        assert (folder / "model.safetensors").read_bytes() == b"B" * 2000
+
+    with open(dest / "model.safetensors", "r+b") as f:
+        f.truncate(1500)
+    with pytest.raises(storage.IncompleteOutput, match="model.safetensors is missing or differs"):
+        with storage.local_copy(str(dest)):
+            pass
+    (dest / storage.MANIFEST_FILE).unlink()
+    with pytest.raises(storage.IncompleteOutput, match="incomplete"):
+        with storage.local_copy(str(dest)):
+            pass
+    assert not storage.is_complete(str(dest))
+
+
+def test_a_user_folder_is_never_overwritten_and_a_foreign_model_still_loads(tmp_path):
+    """An output folder holding files granite-ray did not write is refused before anything moves;
+    a user's own model folder (no config, no manifest) reads as it is."""
+    home = tmp_path / "home"
+    (home / "notes.txt").parent.mkdir()
+    (home / "notes.txt").write_text("keep me")
+    with pytest.raises(storage.UserError, match="did not write"):
+        storage.publish_dir(_artifact(tmp_path / "a", b"A"), str(home))
+    with pytest.raises(storage.UserError, match="did not write"):
+        storage.begin_output(str(home), b"stage: eval\n")
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]
+    with storage.local_copy(str(home)) as folder:
+        assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_an_output_lists_only_the_files_of_its_completed_run(tmp_path):
+    """begin/commit: until the manifest is written readers refuse the folder; after, they see exactly
+    the committed files (a straggler written later by a failed attempt is not read)."""
+    out = tmp_path / "scores-run"
+    storage.begin_output(str(out), b"stage: teacher-scores\n")
+    storage.write_bytes(str(out / "scores" / "part-0.json"), b'{"a": 1}\n')
+    with pytest.raises(storage.IncompleteOutput, match="incomplete"):
+        storage.list_files(str(out / "scores"))
+    storage.commit_output(str(out))
+    storage.write_bytes(str(out / "scores" / "part-9.json"), b'{"late": 1}\n')
+    assert storage.list_files(str(out / "scores")) == [str(out / "scores" / "part-0.json")]
+    storage.add_to_output(str(out), "stats.json", b"{}")
+    assert storage.list_files(str(out)) == [str(out / name) for name in (storage.CONFIG_FILE, "scores/part-0.json", "stats.json")]
+
+    storage.begin_output(str(out), b"stage: teacher-scores\n")  # a re-run starts from an empty folder
+    assert sorted(p.name for p in out.iterdir()) == [storage.CONFIG_FILE]
+
+
+_PUBLISH = """
+import sys
+from granite_ray import storage
+storage.publish_dir(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_an_upload_killed_midway_is_refused_and_a_rerun_completes_it(s3, bucket, tmp_path):
+    """A real kill -9 during an S3 upload (SeaweedFS): what it left is refused by every reader, with one
+    line; the re-run replaces it and the download matches byte for byte."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    weights = os.urandom(256 << 20)
+    source = _artifact(tmp_path / "model", weights, {"config.json": b"{}"})
+    uri = f"s3://{bucket}/model"
+    child = subprocess.Popen([sys.executable, "-c", _PUBLISH, str(source), uri])
+    deadline = time.time() + 60
+    while not storage.exists(storage.join(uri, storage.CONFIG_FILE)):  # the config goes first
+        assert child.poll() is None and time.time() < deadline, "the upload ended before it could be cut off"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not storage.exists(storage.join(uri, storage.MANIFEST_FILE))
+    with pytest.raises(storage.IncompleteOutput, match=f"s3://{bucket}/model: incomplete"):
+        with storage.local_copy(uri):
+            pass
+    with pytest.raises(storage.IncompleteOutput):
+        storage.list_files(uri)
+    assert not storage.is_complete(uri)
+
+    storage.publish_dir(source, uri)
+    with storage.local_copy(uri) as folder:
+        assert (folder / "model.safetensors").read_bytes() == weights
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", storage.CONFIG_FILE, "model.safetensors"]

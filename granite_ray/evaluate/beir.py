@@ -59,6 +59,8 @@ def load_beir(uri: str, split: str = "test", query_format: str = "text") -> Beir
     """Queries and qrels of one split, checked against each other.
 
     `query_format="conversation"` makes each query from its `conversation` turns, most recent first."""
+    if storage.exists(uri):
+        storage.require_complete(uri)  # e.g. a split-queries output cut off mid-write
     qrels_uri = storage.join(uri, "qrels", f"{split}.tsv")
     if not storage.exists(qrels_uri):
         present = [f.rsplit("/", 1)[-1].removesuffix(".tsv") for f in storage.list_files(storage.join(uri, "qrels"))

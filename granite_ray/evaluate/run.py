@@ -328,6 +328,7 @@ def bar_chart_png(results: dict[str, dict[str, dict]], comparisons: list[dict] =
 
 def run_eval(config: EvalConfig) -> str:
     """Evaluate every model on every dataset; write results.json, results.md and ndcg_at_10.png."""
+    storage.begin_output(config.output_uri, dump_config(config).encode())
     init_ray(config)
     datasets = [load_beir(uri, config.split, config.query_format) for uri in config.datasets]  # fail on a bad folder before encoding
     labels, uris = zip(*(split_label(m) for m in config.models))
@@ -363,7 +364,7 @@ def run_eval(config: EvalConfig) -> str:
     storage.write_bytes(storage.join(config.output_uri, "per_query.json"), json.dumps(per_query).encode())
     storage.write_bytes(storage.join(config.output_uri, "results.md"), table.encode())
     storage.write_bytes(storage.join(config.output_uri, "ndcg_at_10.png"), bar_chart_png(results, comparisons))
-    storage.write_bytes(storage.join(config.output_uri, "granite_ray.yaml"), dump_config(config).encode())
+    storage.commit_output(config.output_uri)
     sys.stdout.write(table)
     log(f"results written to {config.output_uri}", TAG)
     return config.output_uri
