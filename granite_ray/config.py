@@ -14,7 +14,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from granite_ray import storage
 from granite_ray.errors import UserError
+from granite_ray.storage import StorageConfig
 
 
 class ConfigError(UserError, ValueError):
@@ -135,17 +137,6 @@ class TrainConfig(Section):
         if self.warmup_fraction + self.decay_fraction > 1:
             raise ValueError("warmup_fraction + decay_fraction must be at most 1")
         return self
-
-
-class StorageConfig(Section):
-    """S3 settings; unset values come from the standard AWS_* environment variables."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    max_attempts: int = Field(10, gt=0, description="tries per S3 request (AWS standard retries: "
-                              "jittered exponential backoff, each wait at most 20 s)")
-    connect_timeout_s: float = Field(10.0, gt=0, description="S3 connection timeout")
-    request_timeout_s: float = Field(60.0, gt=0, description="S3 socket read timeout")
 
 
 class EncoderConfig(Section):
@@ -668,8 +659,6 @@ def _format_errors(err: ValidationError) -> str:
 def load_config(cls: type[C], yaml_path: str | Path | None = None, overrides: list[str] = ()) -> C:
     tree: dict[str, Any] = {}
     if yaml_path is not None:
-        from granite_ray import storage  # a pipeline's resolved stage configs may live on S3, beside its artifacts
-
         if not storage.is_s3(str(yaml_path)) and not Path(yaml_path).is_file():
             raise ConfigError(f"{yaml_path}: no such config file")
         text = storage.read_bytes(str(yaml_path)).decode()

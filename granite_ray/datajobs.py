@@ -8,41 +8,11 @@ import numpy as np
 import ray
 
 from granite_ray import storage
-from granite_ray.config import SummarizeTablesConfig, TablesConfig, TeacherScoresConfig, dump_config
-from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
-from granite_ray.data.tables import TableError, parse_table
-from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, object_column, resolved_backend
+from granite_ray.config import SummarizeTablesConfig, TeacherScoresConfig, dump_config
+from granite_ray.data.corpus import DropCounter, object_column, read_record_lines, resolve_files
+from granite_ray.data.tables import read_tables
+from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, resolved_backend
 from granite_ray.runtime import init_ray, log
-
-
-def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dict[str, np.ndarray]:
-    """JSON lines -> {id, title, table (Markdown), linearized}; unreadable tables reported and skipped."""
-    cfg = TablesConfig(**config)
-    out = {"id": [], "title": [], "table": [], "linearized": []}
-    rejected = []
-    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
-        where = f"{source}:{number}"
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise TableError("not a JSON object")
-            table = parse_table(record.get(cfg.table_field), cfg.format)
-        except (json.JSONDecodeError, UnicodeDecodeError, TableError) as err:
-            rejected.append(("bad_table", f"{where}: {err}"))
-            continue
-        out["id"].append(str(record.get(cfg.id_field, where)))
-        out["title"].append(str(record.get(cfg.title_field) or ""))
-        out["table"].append(table.markdown())
-        out["linearized"].append(table.linearize())
-    if rejected:
-        ray.get(counter.add.remote(rejected))
-    return {k: np.array(v, dtype=object) for k, v in out.items()}
-
-
-def read_tables(config: TablesConfig, counter) -> ray.data.Dataset:
-    ds = read_record_lines(resolve_files(config.paths, field="tables.paths")).map_batches(parse_table_rows, batch_size=None, num_cpus=0.25,
-                                          fn_kwargs={"config": config.model_dump(), "counter": counter})
-    return ds.limit(config.max_tables) if config.max_tables else ds
 
 
 def run_summarize_tables(config: SummarizeTablesConfig) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import ray
 
 from granite_ray import storage
+from granite_ray.data.corpus import object_column
 from granite_ray.config import LLMConfig
 from granite_ray.runtime import log
 from granite_ray.tokenizer import with_eos
@@ -226,9 +227,3 @@ class TeacherEmbedder:
                 "pos_scores": object_column(pos_scores), "neg_scores": object_column(neg_scores)}
 
 
-def object_column(values: list) -> np.ndarray:
-    """A 1-D object array of lists (numpy would turn equal-length lists into a 2-D array)."""
-    column = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        column[i] = value
-    return column

@@ -19,7 +19,7 @@ import numpy as np
 from granite_ray import storage
 from granite_ray.config import MineNegativesConfig, dump_config
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
-from granite_ray.evaluate.run import encode_dataset
+from granite_ray.evaluate.encoding import encode_dataset
 from granite_ray.passages import WindowIndex, word_windows
 from granite_ray.runtime import init_ray, log
 

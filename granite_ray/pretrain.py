@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-import tempfile
 
 import ray
 
@@ -13,7 +11,8 @@ from granite_ray.config import DataConfig, PretrainMLMConfig, TokenizerConfig, T
 from granite_ray.data.corpus import read_corpus
 from granite_ray.data.packing import TokenizeAndPack
 from granite_ray.runtime import init_ray, log
-from granite_ray.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from granite_ray.stages import STAGES
+from granite_ray.tokenizer import load_tokenizer, save_tokenizer, tokenizer_files, train_tokenizer
 from granite_ray.train.loop import run_training
 
 
@@ -31,12 +30,6 @@ def obtain_tokenizer(tok_cfg: TokenizerConfig, data: DataConfig, model_init_from
         return load_tokenizer(source)
     log(f"training a {tok_cfg.vocab_size}-token BPE tokenizer on up to {tok_cfg.train_docs} documents")
     return train_tokenizer(stream_texts(data, tok_cfg.train_docs), tok_cfg.vocab_size, tok_cfg.min_frequency)
-
-
-def tokenizer_files(tokenizer) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
 def packed_dataset(data: DataConfig, tokenizer):
@@ -65,7 +58,7 @@ def run_pretrain_mlm(config: PretrainMLMConfig) -> str:
     init_ray(config)
     tokenizer = obtain_tokenizer(config.tokenizer, config.data, config.model.init_from)
     packed, counter = packed_dataset(config.data, tokenizer)
-    result = run_training(config, {"train": packed}, tokenizer_files(tokenizer))
+    result = run_training(config, STAGES[config.stage].objective_cls, {"train": packed}, tokenizer_files(tokenizer))
     dropped = ray.get(counter.totals.remote())
     stats = {"dropped_rows": dropped, "final_metrics": result.metrics}
     storage.add_to_output(config.output_uri, "data_stats.json", json.dumps(stats, indent=2).encode())

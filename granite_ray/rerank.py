@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from torch import nn
+
 from granite_ray import storage
+from granite_ray.encoder import packed_embeddings
 from granite_ray.model import resolve_attn_implementation
-from granite_ray.objectives.reranker import CrossEncoderModel
 from granite_ray.tokenizer import cut_to_tokens
 
 
@@ -58,3 +60,29 @@ class Reranker:
                                     self.device).float().cpu().numpy()
             start = end
         return out
+
+
+def classification_head(model: nn.Module, cls: torch.Tensor) -> torch.Tensor:
+    """The model's own sequence-classification head on CLS vectors (BERT: pooler first)."""
+    if hasattr(model, "bert"):
+        return model.classifier(model.dropout(model.bert.pooler.activation(model.bert.pooler.dense(cls))))
+    if hasattr(model, "head") and hasattr(model, "drop"):  # ModernBERT
+        return model.classifier(model.drop(model.head(cls)))
+    if hasattr(model, "roberta"):  # RoBERTa / XLM-R: the head reads position 0 of the sequence itself
+        return model.classifier(cls[:, None])
+    raise ValueError(f"reranker: {type(model).__name__} is not supported (BERT, ModernBERT or XLM-R sequence classification)")
+
+
+
+class CrossEncoderModel(nn.Module):
+    """Packed forward + head in one module, so DDP/FSDP see every parameter used in forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.layer_types = getattr(model.config, "layer_types", None)
+
+    def forward(self, sequences: list[list[int]], token_types: list[list[int]] | None, device: torch.device) -> torch.Tensor:
+        cls = packed_embeddings(self.model.base_model, sequences, "cls", self.layer_types, device, token_types)
+        return classification_head(self.model, cls).squeeze(-1)
+

@@ -18,9 +18,9 @@ from granite_ray import storage
 from granite_ray.config import ContrastiveConfig, RerankerConfig, RetrieverStageConfig, TrainTeacherConfig
 from granite_ray.data.pairs import TokenizeLists, TokenizePairs, read_pairs, sampling_weights
 from granite_ray.encoder import sentence_transformers_settings, special_frame
-from granite_ray.pretrain import tokenizer_files
 from granite_ray.runtime import init_ray, log
-from granite_ray.tokenizer import with_eos
+from granite_ray.stages import STAGES
+from granite_ray.tokenizer import tokenizer_files, with_eos
 from granite_ray.train.loop import run_training
 
 
@@ -47,7 +47,7 @@ def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
     weights = sampling_weights(sizes, data.sampling_power)
     log(f"{config.stage}: datasets {sizes} sampled with probabilities "
         f"{ {k: round(v, 3) for k, v in weights.items()} }")
-    result = run_training(config, {name: datasets[name] for name in weights}, tokenizer_files(tokenizer), weights)
+    result = run_training(config, STAGES[config.stage].objective_cls, {name: datasets[name] for name in weights}, tokenizer_files(tokenizer), weights)
     dropped = ray.get(counter.examples.remote())
     stats = {"rows": sizes, "sampling_weights": weights, "dropped_rows": {k: len(v) for k, v in dropped.items()},
              "dropped_examples": {k: v[:20] for k, v in dropped.items()}, "final_metrics": result.metrics}

@@ -16,13 +16,12 @@ from tokenizers import Tokenizer
 
 from granite_ray import storage
 from granite_ray.config import RetroMAEConfig
-from granite_ray.data.corpus import DropCounter, read_corpus, read_record_lines, resolve_files
-from granite_ray.datajobs import read_tables
+from granite_ray.data.corpus import DropCounter, object_column, read_corpus, read_record_lines, resolve_files
+from granite_ray.data.tables import read_tables
 from granite_ray.encoder import special_frame
-from granite_ray.llm import object_column
-from granite_ray.pretrain import tokenizer_files
 from granite_ray.runtime import init_ray, log
-from granite_ray.tokenizer import load_tokenizer
+from granite_ray.stages import STAGES
+from granite_ray.tokenizer import load_tokenizer, tokenizer_files
 from granite_ray.train.loop import run_training
 
 
@@ -109,7 +108,7 @@ def run_retromae(config: RetroMAEConfig) -> str:
     present = {name: given.get(name, 0.0) for name in sources} if len(sources) > 1 else {name: 1.0 for name in sources}
     weights = {name: w / sum(present.values()) for name, w in present.items() if w > 0}
     log(f"{config.stage}: sources mixed with probabilities { {k: round(v, 3) for k, v in weights.items()} }")
-    result = run_training(config, {name: sources[name] for name in weights}, tokenizer_files(tokenizer), weights)
+    result = run_training(config, STAGES[config.stage].objective_cls, {name: sources[name] for name in weights}, tokenizer_files(tokenizer), weights)
     dropped = ray.get(counter.totals.remote())
     stats = {"dropped_rows": dropped, "sampling_weights": weights, "final_metrics": result.metrics}
     storage.add_to_output(config.output_uri, "data_stats.json", json.dumps(stats, indent=2).encode())

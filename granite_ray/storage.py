@@ -20,8 +20,8 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field
 
-from granite_ray.config import StorageConfig
 from granite_ray.errors import UserError
 
 # Every folder granite-ray writes (artifact or stage output) holds its resolved config, written first,
@@ -29,6 +29,19 @@ from granite_ray.errors import UserError
 # was cut off mid-write, and every reader refuses it.
 CONFIG_FILE = "granite_ray.yaml"
 MANIFEST_FILE = "_granite_ray_complete.json"
+
+
+class StorageConfig(BaseModel):
+    """S3 settings; unset values come from the standard AWS_* environment variables."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)  # as every config section
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = Field(10, gt=0, description="tries per S3 request (AWS standard retries: "
+                              "jittered exponential backoff, each wait at most 20 s)")
+    connect_timeout_s: float = Field(10.0, gt=0, description="S3 connection timeout")
+    request_timeout_s: float = Field(60.0, gt=0, description="S3 socket read timeout")
 
 
 class IncompleteOutput(UserError):

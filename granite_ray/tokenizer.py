@@ -93,3 +93,10 @@ def cut_to_tokens(text: str, offsets: list[tuple[int, int]], limit: int) -> str:
 def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
     """Embedding rows: the tokenizer's size rounded up to a multiple of 64 (50,368 for the paper's)."""
     return -(-len(tokenizer) // 64) * 64
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+

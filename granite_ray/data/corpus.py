@@ -208,3 +208,12 @@ def read_corpus(config: DataConfig, counter=None) -> tuple[ray.data.Dataset, Any
     if config.max_docs:
         ds = ds.limit(config.max_docs)
     return ds, counter
+
+
+def object_column(values: list) -> np.ndarray:
+    """A 1-D object array of lists (numpy would turn equal-length lists into a 2-D array)."""
+    column = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        column[i] = value
+    return column
+

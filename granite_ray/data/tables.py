@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass
 from html.parser import HTMLParser
+
+import numpy as np
+import ray
+
+from granite_ray.config import TablesConfig
+from granite_ray.data.corpus import read_record_lines, resolve_files
 
 
 class TableError(ValueError):
@@ -122,3 +129,35 @@ def parse_table(value, fmt: str = "auto") -> Table:
     if fmt not in readers:
         raise TableError(f"unknown table format {fmt!r}")
     return readers[fmt](value)
+
+
+def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dict[str, np.ndarray]:
+    """JSON lines -> {id, title, table (Markdown), linearized}; unreadable tables reported and skipped."""
+    cfg = TablesConfig(**config)
+    out = {"id": [], "title": [], "table": [], "linearized": []}
+    rejected = []
+    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
+        where = f"{source}:{number}"
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise TableError("not a JSON object")
+            table = parse_table(record.get(cfg.table_field), cfg.format)
+        except (json.JSONDecodeError, UnicodeDecodeError, TableError) as err:
+            rejected.append(("bad_table", f"{where}: {err}"))
+            continue
+        out["id"].append(str(record.get(cfg.id_field, where)))
+        out["title"].append(str(record.get(cfg.title_field) or ""))
+        out["table"].append(table.markdown())
+        out["linearized"].append(table.linearize())
+    if rejected:
+        ray.get(counter.add.remote(rejected))
+    return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+
+def read_tables(config: TablesConfig, counter) -> ray.data.Dataset:
+    ds = read_record_lines(resolve_files(config.paths, field="tables.paths")).map_batches(parse_table_rows, batch_size=None, num_cpus=0.25,
+                                          fn_kwargs={"config": config.model_dump(), "counter": counter})
+    return ds.limit(config.max_tables) if config.max_tables else ds
+

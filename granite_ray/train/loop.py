@@ -42,16 +42,14 @@ from granite_ray.train.metrics import MetricsLog, loss_plot_png, peak_flops
 from granite_ray.train.parallel import STRATEGIES
 
 
-def _objective_for(config_tree: dict, tokenizer_files: dict[str, bytes]):
-    from granite_ray.stages import STAGES
-
-    stage = STAGES[config_tree["stage"]]
-    config = stage.config_cls.model_validate(config_tree)
+def _objective_for(loop_config: dict[str, Any]):
+    """The worker's copy of the stage config and the objective the runner handed over."""
+    config = loop_config["config_cls"].model_validate(loop_config["config"])
     with tempfile.TemporaryDirectory() as tmp:
-        for name, data in tokenizer_files.items():
+        for name, data in loop_config["tokenizer_files"].items():
             (Path(tmp) / name).write_bytes(data)
         tokenizer = AutoTokenizer.from_pretrained(tmp)  # the stage's entry checked it (MLM's special tokens)
-    return config, stage.objective_cls(config, tokenizer)
+    return config, loop_config["objective_cls"](config, tokenizer)
 
 
 
@@ -202,7 +200,7 @@ def _strided_batches(batches, rank: int, world: int, batch_size: int, skip: int)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    config, objective = _objective_for(loop_config["config"], loop_config["tokenizer_files"])
+    config, objective = _objective_for(loop_config)
     tc = config.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -336,9 +334,10 @@ def _report(strategy, state: dict, samples: list[dict], log: MetricsLog | None, 
     return weights
 
 
-def run_training(config: StageConfig, datasets: dict[str, ray.data.Dataset], tokenizer_files: dict[str, bytes],
-                 dataset_weights: dict[str, float] | None = None) -> ray.train.Result:
-    """Launch the loop on Ray Train workers; resumes when a run of the same name exists.
+def run_training(config: StageConfig, objective_cls: type, datasets: dict[str, ray.data.Dataset],
+                 tokenizer_files: dict[str, bytes], dataset_weights: dict[str, float] | None = None) -> ray.train.Result:
+    """Launch the loop on Ray Train workers with `objective_cls(config, tokenizer)` as each worker's
+    objective; resumes when a run of the same name exists.
 
     Several datasets are mixed batch by batch with `dataset_weights` (default: equal)."""
     tc = config.train
@@ -347,7 +346,8 @@ def run_training(config: StageConfig, datasets: dict[str, ray.data.Dataset], tok
     storage_path, filesystem = storage.ray_storage(config.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_files": tokenizer_files,
+        train_loop_config={"config": config.model_dump(mode="json"), "config_cls": type(config), "objective_cls": objective_cls,
+                           "tokenizer_files": tokenizer_files,
                            "dataset_weights": dataset_weights},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),

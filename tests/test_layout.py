@@ -1,0 +1,75 @@
+"""The package's arrows run one way (entry -> stage -> loop -> objective -> model/loss): read from the
+source's imports, top-level and inside functions alike."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "granite_ray"
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+# One module per stage family: what `ray job submit` reaches through the registry's entry strings.
+RUNNERS = {"granite_ray.pretrain", "granite_ray.retriever", "granite_ray.retromae", "granite_ray.datajobs",
+           "granite_ray.mining", "granite_ray.merge", "granite_ray.speed", "granite_ray.splits",
+           "granite_ray.evaluate.run", "granite_ray.serve.app"}
+# What evaluation, mining and serving run: no training code under it.
+INFERENCE = {"granite_ray.encoder", "granite_ray.rerank", "granite_ray.mining", "granite_ray.speed",
+             *(module_name(p) for p in (PACKAGE / "evaluate").glob("*.py")),
+             *(module_name(p) for p in (PACKAGE / "serve").glob("*.py"))}
+TRAINING = ("granite_ray.objectives", "granite_ray.train")
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("granite_ray"):
+                for alias in node.names:  # `from granite_ray import storage` names a module
+                    targets.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module)
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("granite_ray")}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_graph_is_read_from_the_source():
+    graph = import_graph()
+    assert "granite_ray.storage" in graph["granite_ray.model"] and "granite_ray.train.loop" in graph["granite_ray.retriever"]
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    cycles = sorted(name for name in graph if name in reachable(graph, name))
+    assert not cycles, f"modules that import themselves through others: {cycles}"
+
+
+def test_no_runner_imports_another_runner():
+    graph = import_graph()
+    crossings = sorted((a, b) for a in RUNNERS for b in graph[a] & RUNNERS)
+    assert not crossings
+
+
+def test_inference_never_reaches_training_code():
+    graph = import_graph()
+    leaks = {name: sorted(t for t in reachable(graph, name) if t.startswith(TRAINING)) for name in sorted(INFERENCE)}
+    assert not {name: found for name, found in leaks.items() if found}
+
+
+def test_the_training_loop_never_looks_a_stage_up():
+    assert "granite_ray.stages" not in reachable(import_graph(), "granite_ray.train.loop")
