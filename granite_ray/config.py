@@ -165,6 +165,11 @@ class EncoderPoolFields(BaseModel):
     cpus_per_actor: float = Field(1.0, gt=0, description="also the actor's torch threads (rounded up)")
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs")
     read_tasks: int = Field(2, gt=0)
+    encode_in: Literal["auto", "driver", "actors"] = Field(
+        "auto", description="driver: one encoder in the job's own process, every core of its node; actors: the Ray "
+                            "Data pool; auto: the driver on a one-node cluster with at most one GPU and a corpus "
+                            "up to driver_max_mb, else the pool")
+    driver_max_mb: float = Field(1024, ge=0, description="the largest corpus file `auto` encodes in the driver")
     query_format: Literal["text", "conversation"] = Field(
         "text", description="conversation: queries from their `conversation` turns, most recent first")
 
@@ -732,6 +737,8 @@ class ServeConfig(StageConfig):
     max_inputs_per_request: int = Field(2048, gt=0, description="texts per embedding request, documents per rerank request")
     max_request_bytes: int = Field(16 << 20, gt=0, description="request bodies above this are refused (413) unread")
     max_windows_per_input: int = Field(64, gt=0, description="chunk-mean/chunk-max windows of one input at most")
+    max_request_tokens: int = Field(262144, gt=0, description="tokens one request may have the models read, every input "
+                                    "and window counted (413 above it)")
     request_timeout_s: float = Field(120.0, gt=0, description="a request the models have not answered by then gets 504")
     long_inputs: Literal["truncate", "error"] = Field(
         "truncate", description="inputs over the model's max length when the request does not say: keep the first "

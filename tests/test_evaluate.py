@@ -51,7 +51,8 @@ def test_metrics_equal_pytrec_eval_on_the_same_run():
 def test_all_minilm_reference_scores_with_several_encoder_actors(ray_local, tmp_path, minilm_path):
     from granite_ray.evaluate.run import run_eval
 
-    config = _eval_config(tmp_path, [f"minilm={minilm_path}"], [str(SHARED_DATA / "cranfield"), str(SHARED_DATA / "humaneval")])
+    config = _eval_config(tmp_path, [f"minilm={minilm_path}"], [str(SHARED_DATA / "cranfield"), str(SHARED_DATA / "humaneval")],
+                          "encode_in=actors")  # the Ray Data pool; the mteb test below takes the in-driver path
     run_eval(config)
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["minilm"]
     assert saved["cranfield"]["ndcg_at_10"] == pytest.approx(0.3817, abs=0.001)
@@ -62,7 +63,7 @@ def test_all_minilm_reference_scores_with_several_encoder_actors(ray_local, tmp_
     assert (tmp_path / "eval" / "ndcg_at_10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_mteb_engine_agrees_and_data_reads_from_s3(ray_local, tmp_path, s3, bucket, minilm_path):
+def test_mteb_engine_agrees_and_data_reads_from_s3(ray_local, tmp_path, s3, bucket, minilm_path, capfd):
     from granite_ray.evaluate.run import run_eval
 
     client = s3.client()
@@ -70,12 +71,13 @@ def test_mteb_engine_agrees_and_data_reads_from_s3(ray_local, tmp_path, s3, buck
         if path.is_file():
             client.upload_file(str(path), bucket, f"beir/adi/{path.relative_to(SHARED_DATA / 'adi')}")
     scores = {}
-    for engine, dataset in (("ray", f"s3://{bucket}/beir/adi"), ("mteb", str(SHARED_DATA / "adi"))):
+    for engine, dataset in (("ray", f"s3://{bucket}/beir/adi"), ("mteb", str(SHARED_DATA / "adi"))):  # ray: encoded in the driver
         config = _eval_config(tmp_path, [f"minilm={minilm_path}"], [dataset], f"engine={engine}",
                               f"output_uri=s3://{bucket}/eval-{engine}")
         run_eval(config)
         body = client.get_object(Bucket=bucket, Key=f"eval-{engine}/results.json")["Body"].read()
         scores[engine] = json.loads(body)["results"]["minilm"]["adi"]
+    assert "adi: encoding in the driver" in capfd.readouterr().out  # auto: one node, a small corpus
     for metric in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
         assert scores["ray"][metric] == pytest.approx(scores["mteb"][metric], abs=1e-4)
     assert 0.3 < scores["ray"]["ndcg_at_10"] < 0.8

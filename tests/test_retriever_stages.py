@@ -267,6 +267,8 @@ def test_tabular_retromae_mixes_tables_summaries_and_text(ray_local, tmp_path, t
     run_retromae(config)
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats["sampling_weights"] == pytest.approx({"summaries": 0.5, "tables": 0.3, "text": 0.2})
+    trained = {name: stats["final_metrics"][f"rows_from_{name}"] for name in ("summaries", "tables", "text")}
+    assert sum(trained.values()) == 12 * 8 and all(rows >= 8 for rows in trained.values())  # every source trained on
     assert all(np.isfinite(json.loads(line)["decoder_loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
 
 

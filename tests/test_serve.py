@@ -29,7 +29,7 @@ from granite_ray.config import ConfigError, ServeConfig, load_config
 from granite_ray.localray import free_port
 
 API_KEY = f"key-{uuid.uuid4().hex}"
-MAX_BYTES, MAX_WINDOWS = 1 << 20, 8
+MAX_BYTES, MAX_WINDOWS, MAX_TOKENS = 1 << 20, 8, 32768
 APP = "granite-ray-test"
 MAX_INPUTS = 64
 
@@ -78,7 +78,7 @@ def server(ray_local, s3, minilm_path, reranker_path, sparse_path):
     config = load_config(ServeConfig, None, [
         f"embedder=minilm={minilm_path}", f"reranker=rr={reranker_path}", f"sparse=splade=s3://{bucket}/splade",
         f"api_key={API_KEY}", f"app_name={APP}", f"port={port}", f"max_inputs_per_request={MAX_INPUTS}",
-        f"max_request_bytes={MAX_BYTES}", f"max_windows_per_input={MAX_WINDOWS}", "gateway_replicas.num_cpus=0.2", "embedder_replicas.min_replicas=2", "embedder_replicas.max_replicas=2",
+        f"max_request_bytes={MAX_BYTES}", f"max_windows_per_input={MAX_WINDOWS}", f"max_request_tokens={MAX_TOKENS}", "gateway_replicas.num_cpus=0.2", "embedder_replicas.min_replicas=2", "embedder_replicas.max_replicas=2",
         "embedder_replicas.num_cpus=0.3", "embedder_replicas.threads=1", "reranker_replicas.num_cpus=0.3",
         "sparse_replicas.num_cpus=0.3"])
     serve.start(http_options={"host": config.host, "port": port})
@@ -249,8 +249,9 @@ def test_openai_client_reads_the_error_body(server):
 
 
 def test_hostile_bodies_are_refused_before_any_model_work(http):
-    """A body over max_request_bytes (413, unread), a chunked body of unknown size (411), and an input that
-    would make more chunk windows than max_windows_per_input (400): each refused, and the server still answers."""
+    """A body over max_request_bytes (413, unread), a chunked body of unknown size (411), an input that would
+    make more chunk windows than max_windows_per_input (400), and a request whose windows together pass
+    max_request_tokens (413): each refused, and the server still answers."""
     huge = {"input": ["word " * (MAX_BYTES // 5)]}
     too_big = http.post("/v1/embeddings", json=huge)
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
@@ -260,6 +261,10 @@ def test_hostile_bodies_are_refused_before_any_model_work(http):
     refused = http.post("/v1/embeddings", json={"input": [endless], "long_documents": "chunk-mean"})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "input_too_long"
     assert "max_windows_per_input" in refused.json()["error"]["message"]
+    many = " ".join(["boundary layer transition at supersonic speed"] * 110)  # ~700 tokens: 3 windows, 64 inputs
+    heavy = http.post("/v1/embeddings", json={"input": [many] * MAX_INPUTS, "long_documents": "chunk-mean"})
+    assert heavy.status_code == 413 and heavy.json()["error"]["code"] == "request_too_large"
+    assert "max_request_tokens" in heavy.json()["error"]["message"]
     short = " ".join(["boundary layer transition at supersonic speed"] * 100)
     assert len(http.post("/v1/embeddings", json={"input": [short], "long_documents": "chunk-mean"}).json()["data"]) == 1
 
@@ -462,10 +467,15 @@ def test_cli_serves_on_loopback_until_interrupted(minilm_path, tmp_path):
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
         body = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": ["no key needed"]}, timeout=60).json()
         assert len(body["data"][0]["embedding"]) == 384
-        outside = socket.gethostbyname(socket.gethostname())
-        if not outside.startswith("127."):
+        import psutil
+
+        listening = {c.laddr.ip for c in psutil.net_connections(kind="inet") if c.laddr.port == port and c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}  # not 0.0.0.0, not this machine's other addresses
+        outside = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                   if a.family == socket.AF_INET and not a.address.startswith("127.")]
+        for address in outside[:1]:  # and a client on another interface is turned away
             with pytest.raises(httpx.ConnectError):
-                httpx.get(f"http://{outside}:{port}/health", timeout=5)
+                httpx.get(f"http://{address}:{port}/health", timeout=5)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
         output = log.read_text()

@@ -177,6 +177,17 @@ def head_records(uri: str, count: int) -> list[dict]:
     return records
 
 
+def iter_record_lines(files: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """The datasource's blocks {line, source, lineno}, read in this process (no Ray Data), one at a time."""
+    for uri in files:
+        fs, path = storage.resolve(uri)
+        is_parquet = path.endswith(PARQUET_SUFFIXES)
+        with (fs.open_input_file(path) if is_parquet else fs.open_input_stream(path, compression="detect")) as f:
+            blocks = RecordLinesDatasource._parquet_lines(f, path) if is_parquet else RecordLinesDatasource._jsonl_lines(f, path)
+            for block in blocks:
+                yield {name: block.column(name).to_numpy(zero_copy_only=False) for name in block.column_names}
+
+
 def resolve_files(paths: list[str], fmt: str = "auto", field: str = "data.paths") -> list[str]:
     """The .jsonl/.parquet files named by paths, directories and globs (`field` names them in errors)."""
     if not paths:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import ray
@@ -15,7 +16,7 @@ import ray
 from granite_ray import storage
 from granite_ray.errors import UserError
 from granite_ray.data.conversations import RowError, format_conversation
-from granite_ray.data.corpus import read_record_lines
+from granite_ray.data.corpus import iter_record_lines, read_record_lines
 
 
 class DatasetError(UserError, ValueError):
@@ -126,6 +127,12 @@ def _documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids.append(str(row["_id"]))
         texts.append(document_text(row))
     return {"id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
+
+
+def iter_documents(dataset: BeirDataset) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of {id, text} read in this process, parsed as `read_documents` parses them."""
+    for block in iter_record_lines([dataset.corpus_uri]):
+        yield _documents(block)
 
 
 def read_documents(dataset: BeirDataset, read_tasks: int = 2) -> ray.data.Dataset:

@@ -11,10 +11,11 @@ import numpy as np
 import ray
 import torch
 
+from granite_ray import storage
 from granite_ray.config import EncoderConfig, EncoderPoolFields
 from granite_ray.data.corpus import object_column
 from granite_ray.encoder import Encoder
-from granite_ray.evaluate.beir import BeirDataset, read_documents
+from granite_ray.evaluate.beir import BeirDataset, iter_documents, read_documents
 from granite_ray.evaluate.inverted_index import sparse_rows
 from granite_ray.runtime import log
 
@@ -45,34 +46,58 @@ class EncodeRows:
         return {"id": batch["id"], "kind": batch["kind"], "embedding": embeddings}
 
 
-
 def _with_kind(kind: str):
     def tag(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**batch, "kind": np.full(len(batch["id"]), kind, dtype=object)}
     return tag
 
 
-
-def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields) -> tuple[list[str], Any, list[str], Any]:
-    """(query ids, query embeddings, doc ids, doc embeddings): the corpus streams through the actor pool.
-    Sparse models' embeddings are (term ids, weights) lists instead of matrices."""
-    resources = ray.cluster_resources()
+def _encode_with_actors(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields, queries: dict):
+    """Encoded batches from the Ray Data pool of EncodeRows actors, the corpus streamed to them."""
     gpus = config.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    queries = ray.data.from_items([{"id": q, "text": t} for q, t in dataset.queries.items()])
-    docs = read_documents(dataset, config.read_tasks)
-    rows = queries.map_batches(_with_kind("query"), batch_size=None, num_cpus=0.25).union(
-        docs.map_batches(_with_kind("doc"), batch_size=None, num_cpus=0.25))
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    rows = ray.data.from_items([{"id": q, "text": t} for q, t in zip(queries["id"], queries["text"])]).map_batches(
+        _with_kind("query"), batch_size=None, num_cpus=0.25).union(
+        read_documents(dataset, config.read_tasks).map_batches(_with_kind("doc"), batch_size=None, num_cpus=0.25))
     encoded = rows.map_batches(
         EncodeRows, fn_constructor_kwargs={"model_uri": model_uri, "encoder_config": config.encoder.model_dump(),
                                            "threads": math.ceil(config.cpus_per_actor)},
         batch_size=256, num_cpus=config.cpus_per_actor, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=config.encode_actors))
+    return encoded.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def encode_in_driver(dataset: BeirDataset, config: EncoderPoolFields) -> bool:
+    """Whether one encoder in this process serves as well as the actor pool: a one-node cluster (no other
+    machine's cores to use), at most one GPU, and a corpus small enough that parallel reading cannot matter.
+    It spares the pool's processes (each holds its own model) and gives torch every core."""
+    if config.encode_in != "auto":
+        return config.encode_in == "driver"
+    if len([node for node in ray.nodes() if node["Alive"]]) != 1 or ray.cluster_resources().get("GPU", 0) > 1:
+        return False
+    fs, path = storage.resolve(dataset.corpus_uri)
+    return fs.get_file_info(path).size <= config.driver_max_mb * 2**20
+
+
+def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields) -> tuple[list[str], Any, list[str], Any]:
+    """(query ids, query embeddings, doc ids, doc embeddings): the corpus streams through one encoder in
+    this process or through the actor pool (`encode_in_driver`), the same EncodeRows either way.
+    Sparse models' embeddings are (term ids, weights) lists instead of matrices."""
+    queries = {"id": np.array(list(dataset.queries), dtype=object), "text": np.array(list(dataset.queries.values()), dtype=object)}
+    if encode_in_driver(dataset, config):
+        threads = int(ray.cluster_resources().get("CPU", 1))
+        log(f"{dataset.name}: encoding in the driver with {threads} threads", TAG)
+        encode = EncodeRows(model_uri, config.encoder.model_dump(), threads)
+        batches = (encode(_with_kind(kind)({"id": rows["id"][i:i + 256], "text": rows["text"][i:i + 256]}))
+                   for kind, source in (("query", [queries]), ("doc", iter_documents(dataset)))
+                   for rows in source for i in range(0, len(rows["id"]), 256))
+    else:
+        batches = _encode_with_actors(model_uri, dataset, config, queries)
     query_ids, doc_ids, query_parts, doc_parts = [], [], [], []
     start, last_report = time.perf_counter(), time.perf_counter()
     sparse = False
-    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         is_query = batch["kind"] == "query"
         query_ids.extend(batch["id"][is_query].tolist())
         doc_ids.extend(batch["id"][~is_query].tolist())

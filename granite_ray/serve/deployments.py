@@ -65,6 +65,7 @@ class EncoderReplica:
             raise ValueError(f"chunk_overlap {config.chunk_overlap} leaves no room in windows of {self.encoder.max_length} tokens")
         self.truncate_by_default = config.long_inputs == "truncate"
         self.max_windows = config.max_windows_per_input
+        self.max_request_tokens = config.max_request_tokens
         self.vocab_size = len(self.encoder.tokenizer)
         self.batcher = TokenBudgetBatcher(self.encoder.embed_token_ids, config.max_batch_tokens, config.batch_wait_timeout_s)
         self.encoder.embed_token_ids([self.encoder.prefix + self.encoder.suffix])  # the first forward's one-off costs
@@ -80,6 +81,7 @@ class EncoderReplica:
         windows = [self._windows(c, i, field, truncate, long_documents) for i, c in enumerate(contents)]
         sequences = [self.encoder.prefix + w + self.encoder.suffix for ws in windows for w in ws]
         tokens = sum(map(len, sequences))
+        check_request_tokens(tokens, self.max_request_tokens, field)
         flat = np.asarray(await self.batcher.submit(sequences, tokens))
         owner = np.repeat(np.arange(len(contents)), [len(ws) for ws in windows])
         return pool_windows(flat, owner, len(contents), long_documents), tokens
@@ -115,6 +117,12 @@ class EncoderReplica:
         raise InputError(f"{field}[{index}] has {len(content) + self.frame} tokens, more than the model's limit of "
                          f"{self.encoder.max_length}; send truncate=true, or long_documents=chunk-mean or chunk-max",
                          param=field, code="input_too_long")
+
+
+def check_request_tokens(tokens: int, limit: int, field: str) -> None:
+    if tokens > limit:
+        raise InputError(f"{field}: the request makes the model read {tokens} tokens, more than this server's limit of "
+                         f"{limit} per request (max_request_tokens); split it", param=field, code="request_too_large", status=413)
 
 
 @serve.deployment(logging_config=INTERNAL_LOGGING)
@@ -161,6 +169,7 @@ class Reranker:
         self.model = rerank.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens,
                                      query_max_length=config.rerank_query_max_length)
         self.truncate_by_default = config.long_inputs == "truncate"
+        self.max_request_tokens = config.max_request_tokens
         self.pair_frame = self.model.tokenizer.num_special_tokens_to_add(pair=True)
         self.batcher = TokenBudgetBatcher(self.model.score, config.max_batch_tokens, config.batch_wait_timeout_s)
         self.model.score([("warm", "up")])  # the first forward's one-off costs
@@ -173,8 +182,9 @@ class Reranker:
                     truncate: bool | None = None) -> tuple[np.ndarray, int]:
         """One relevance logit per document, in input order, and the tokens read. A pair over the limit
         loses the end of its document (the query is kept whole), or is refused when truncation is off."""
-        lengths = await asyncio.to_thread(self._pair_lengths, query, documents)
         limit = self.model.max_length
+        documents = [doc[:(limit + 1) * CHARS_PER_TOKEN_BOUND] for doc in documents]  # never tokenized past the limit
+        lengths = await asyncio.to_thread(self._pair_lengths, query, documents)
         if lengths[0] + self.pair_frame >= limit:
             raise InputError(f"query: {lengths[0]} tokens leave no room for a document within the reranker's "
                              f"limit of {limit}", param="query", code="input_too_long")
@@ -184,6 +194,7 @@ class Reranker:
             raise InputError(f"{field}[{index}] with the query has {pairs[index]} tokens, more than the reranker's "
                              f"limit of {limit}; send truncate=true", param=field, code="input_too_long")
         tokens = int(np.minimum(pairs, limit).sum())
+        check_request_tokens(tokens, self.max_request_tokens, field)
         scores = await self.batcher.submit([(query, doc) for doc in documents], tokens)
         return np.asarray(scores), tokens
 

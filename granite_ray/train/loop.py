@@ -102,7 +102,7 @@ SAMPLES_FILE = "samples.jsonl"
 def _new_window() -> dict:
     """Sums over the steps since the last log line (rows and ids: since the last step)."""
     return {"loss": 0.0, "micro": 0, "tokens": 0, "slots": 0, "rows": 0, "logged_rows": 0, "step_tokens": 0, "ids": [],
-            "t0": time.perf_counter()}
+            "by_dataset": {}, "t0": time.perf_counter()}
 
 
 def _rows(batch: dict[str, np.ndarray]) -> int:
@@ -154,6 +154,9 @@ def _buffer_shuffled(batches, buffer_rows: int, batch_size: int, drop_last: bool
             yield {k: v[chunk] for k, v in pending.items()}
 
 
+SOURCE_COLUMN = "_dataset"  # which mixed dataset a row came from: counted, never handed to the objective
+
+
 def _mixed_batches(shards: dict, weights: dict[str, float], tc, start: int, epoch: int):
     """Endless micro-batches, each from one dataset drawn with `weights`; the draw for micro-batch
     i depends only on (seed, i), so every worker picks the same dataset at every step. A dataset
@@ -176,7 +179,7 @@ def _mixed_batches(shards: dict, weights: dict[str, float], tc, start: int, epoc
         if batch is None:
             raise RuntimeError(f"dataset {name!r} produced no batch of {tc.batch_size} rows per worker")
         micro += 1
-        yield batch
+        yield {**batch, SOURCE_COLUMN: np.full(_rows(batch), name, dtype=object)}
 
 
 def _strided_batches(batches, rank: int, world: int, batch_size: int, skip: int):
@@ -232,6 +235,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     dataset_weights = loop_config["dataset_weights"]
     shards = {name: ray.train.get_dataset_shard(name) for name in dataset_weights}
+    names = sorted(dataset_weights)
+    state.setdefault("rows_by_dataset", dict.fromkeys(names, 0))
     window = _new_window()
     micro = 0
     strategy.model.train()
@@ -251,6 +256,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             torch.manual_seed(step_seed(tc.seed, rank, state["step"] * tc.grad_accum_steps + micro % tc.grad_accum_steps))
             if hasattr(objective, "step"):
                 objective.step = state["step"]
+            sources = batch.pop(SOURCE_COLUMN, None)
+            for name in names:
+                window["by_dataset"][name] = window["by_dataset"].get(name, 0) + (
+                    int((sources == name).sum()) if sources is not None else _rows(batch))
             inputs = objective.batch_inputs(batch, device)
             boundary = (micro + 1) % tc.grad_accum_steps == 0
             loss = _forward_backward(objective, strategy, inputs, 1 / tc.grad_accum_steps, boundary, autocast)
@@ -270,10 +279,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             strategy.step()
             state["step"] += 1
             step = state["step"]
-            rows, tokens = _global_sum([window["rows"], window["step_tokens"]], device)
+            rows, tokens, *by_dataset = _global_sum(
+                [window["rows"], window["step_tokens"], *(window["by_dataset"].get(n, 0) for n in names)], device)
             state["epoch_rows"] += int(rows)
             state["tokens"] += int(tokens)
+            for name, count in zip(names, by_dataset):
+                state["rows_by_dataset"][name] += int(count)
             window["rows"] = window["step_tokens"] = 0
+            window["by_dataset"] = {}
             if tc.record_samples:
                 ids, window["ids"] = window["ids"], []
                 gathered = [ids]
@@ -323,7 +336,8 @@ def _report(strategy, state: dict, samples: list[dict], log: MetricsLog | None, 
     """Every worker reports (and writes its shard of the state); rank 0 also writes weights and metrics.
 
     Returns the gathered weights on rank 0."""
-    metrics = {**state.get("last", {}), "step": state["step"], "final": final}
+    metrics = {**state.get("last", {}), "step": state["step"], "final": final,
+               **{f"rows_from_{name}": count for name, count in state.get("rows_by_dataset", {}).items()}}
     weights = strategy.full_state_dict()
     with tempfile.TemporaryDirectory() as tmp:
         _save_checkpoint(strategy, weights, state, samples, Path(tmp), rank)
