@@ -771,7 +771,7 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_D
                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE",
                  "AWS_MAX_ATTEMPTS", "GRANITE_RAY_S3_CONNECT_TIMEOUT", "GRANITE_RAY_S3_REQUEST_TIMEOUT")
 
-JOB_EXCLUDES = (".venv", ".git", "outputs", "runs", "benchmarks/results", "**/__pycache__", "*.egg-info")  # not uploaded
+JOB_EXCLUDES = (".venv", ".venv-*", ".git", "outputs", "runs", "benchmarks/results", "**/__pycache__", "*.egg-info")  # not uploaded
 
 
 class PipelineStage(Section):
