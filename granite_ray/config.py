@@ -148,7 +148,8 @@ class EncoderConfig(Section):
         None, description="splade: term weights from the masked-LM head (a *ForMaskedLM folder)")
     query_prompt: str | None = None
     document_prompt: str | None = None
-    token_budget: int = Field(16384, gt=0, description="tokens per packed forward")
+    token_budget: int | None = Field(None, gt=0, description="tokens per packed forward; None: 16384 on a GPU, 4096 "
+                                     "on CPU (measured: all-MiniLM-L6-v2 on cranfield, 2 cores, 26% faster than 16384)")
     max_batch: int = Field(512, gt=0, description="texts per forward at most")
     packed: bool = True
     long_documents: Literal["truncate", "chunk-mean", "chunk-max"] = "truncate"

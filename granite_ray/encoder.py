@@ -176,6 +176,7 @@ class Encoder:
     def __init__(self, path: str, config: EncoderConfig | None = None, device: str | None = None) -> None:
         self.config = config = config or EncoderConfig()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.token_budget = config.token_budget or (16384 if self.device.type == "cuda" else 4096)
         with storage.local_copy(path) as folder:
             folder = Path(folder)
             settings = sentence_transformers_settings(folder)
@@ -235,7 +236,7 @@ class Encoder:
             end, used = start, 0
             while end < len(order) and end - start < self.config.max_batch:
                 cost = lengths[order[end]] if self.packed else lengths[order[start]]
-                if end > start and used + cost > self.config.token_budget:
+                if end > start and used + cost > self.token_budget:
                     break
                 used += cost
                 end += 1
