@@ -55,8 +55,10 @@ class EncoderReplica:
 
     def __init__(self, uri: str, config: ServeConfig, threads: int | None = None) -> None:
         use_threads(threads)
-        self.encoder = Encoder(uri, EncoderConfig(max_length=config.max_length, token_budget=config.max_batch_tokens,
-                                                  max_batch=config.max_batch_tokens, chunk_overlap=config.chunk_overlap))
+        # The batcher gathers up to max_batch_tokens from many requests; the encoder runs them in forwards of
+        # its device's measured budget (EncoderConfig.token_budget=None).
+        self.encoder = Encoder(uri, EncoderConfig(max_length=config.max_length, max_batch=config.max_batch_tokens,
+                                                  chunk_overlap=config.chunk_overlap))
         if self.encoder.sparse != self.sparse:
             raise ValueError(f"{uri}: a {'sparse' if self.encoder.sparse else 'dense'} model; serve it as "
                              f"{'sparse' if self.encoder.sparse else 'embedder'}")
