@@ -17,8 +17,8 @@ from granite_ray.runtime import init_ray, log
 
 def run_summarize_tables(config: SummarizeTablesConfig) -> str:
     """Tables -> parquet rows of table + LLM summary (+ parsed title, columns, key facts)."""
+    init_ray(config)  # first: it exports the config's S3 settings
     storage.begin_output(config.output_uri, dump_config(config).encode())
-    init_ray(config)
     counter = DropCounter.remote()
     backend = resolved_backend(config.llm)
     summaries = read_tables(config.tables, counter).map_batches(
@@ -61,8 +61,8 @@ def _scoring_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def run_teacher_scores(config: TeacherScoresConfig) -> str:
     """{query, pos, neg} rows -> the same rows with pos_scores and neg_scores from the teacher."""
+    init_ray(config)  # first: it exports the config's S3 settings
     storage.begin_output(config.output_uri, dump_config(config).encode())
-    init_ray(config)
     backend = resolved_backend(config.llm)
     scored = read_record_lines(resolve_files([config.input_uri], field="input_uri")).map_batches(_scoring_rows, batch_size=None, num_cpus=0.25).map_batches(
         TeacherEmbedder, batch_size=config.llm.batch_size, compute=ray.data.ActorPoolStrategy(size=config.llm.replicas),

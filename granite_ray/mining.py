@@ -84,8 +84,8 @@ def first_queries(dataset: BeirDataset, count: int) -> BeirDataset:
 
 
 def run_mine_negatives(config: MineNegativesConfig) -> str:
+    init_ray(config)  # first: it exports the config's S3 settings
     storage.begin_output(config.output_uri, dump_config(config).encode())
-    init_ray(config)
     dataset = load_beir(config.dataset, config.split, config.query_format)
     if config.max_queries:
         dataset = first_queries(dataset, config.max_queries)

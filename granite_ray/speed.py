@@ -73,6 +73,7 @@ def measure(model_uri: str, texts: list[str], config: SpeedConfig, packed: bool)
 
 
 def run_speed(config: SpeedConfig) -> dict:
+    storage.apply_storage_env(config.storage)
     texts = read_texts(config.corpus, config.max_docs)
     storage.begin_output(config.output_uri, dump_config(config).encode())
     results = {}

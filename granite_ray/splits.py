@@ -56,6 +56,7 @@ def assigned_queries(config: SplitQueriesConfig) -> tuple[dict[str, dict[str, di
 
 
 def run_split_queries(config: SplitQueriesConfig) -> str:
+    storage.apply_storage_env(config.storage)
     splits, how = assigned_queries(config)
     storage.begin_output(config.output_uri, dump_config(config).encode())
     qrels_by_split = {name: [f"{q}\t{doc}\t{score}" for q in sorted(qrels) for doc, score in sorted(qrels[q].items())]

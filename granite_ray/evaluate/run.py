@@ -244,8 +244,8 @@ def bar_chart_png(results: dict[str, dict[str, dict]], comparisons: list[dict] =
 
 def run_eval(config: EvalConfig) -> str:
     """Evaluate every model on every dataset; write results.json, results.md and ndcg_at_10.png."""
+    init_ray(config)  # first: it exports the config's S3 settings
     storage.begin_output(config.output_uri, dump_config(config).encode())
-    init_ray(config)
     datasets = [load_beir(uri, config.split, config.query_format) for uri in config.datasets]  # fail on a bad folder before encoding
     labels, uris = zip(*(split_label(m) for m in config.models))
     if len(set(labels)) != len(labels):
