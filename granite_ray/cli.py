@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, TrainingFailed) as err:
         print(f"granite-ray {args.command}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a pipeline has already stopped its running job and marked the stage stopped
+        print(f"granite-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, field_validator, model_validator
 
 from granite_ray import storage
 from granite_ray.errors import UserError
@@ -454,6 +454,10 @@ class PairDataConfig(Section):
     read_tasks: int = Field(2, gt=0)
     tokenize_actors: int = Field(1, gt=0)
     max_rows: int | None = Field(None, gt=0, description="rows read per dataset at most")
+    teacher_margin: float | None = Field(None, gt=0, le=1, description=(
+        "drop negatives the teacher scores at or above this share of its score of the positive (likely unjudged "
+        "relevant documents; RocketQA's denoising), before the `negatives` are picked; rows left with none are "
+        "dropped; needs pos_scores/neg_scores. None: keep every negative (the paper)"))
 
     _absolute = field_validator("datasets")(lambda entries: [_labelled_absolute(e) for e in entries])
 
@@ -729,8 +733,8 @@ class ServeConfig(StageConfig):
     app_name: str = "granite-ray"
     host: str = Field("127.0.0.1", description="0.0.0.0 exposes the API on every interface")
     port: int = Field(8000, gt=0, lt=65536)
-    api_key: str | None = Field(None, description="bearer key required on every route but /health; "
-                                "None: the GRANITE_RAY_API_KEY variable, else no auth")
+    api_key: SecretStr | None = Field(None, description="bearer key required on every route but /health; "
+                                      "None: the GRANITE_RAY_API_KEY variable, else no auth; never written out")
     allow_anonymous: bool = Field(False, description="serve a non-loopback host without an API key (behind a "
                                   "gateway that authenticates); otherwise that is refused")
     max_batch_tokens: int = Field(16384, gt=0, description="tokens of the requests batched into one inference call")
@@ -755,6 +759,11 @@ class ServeConfig(StageConfig):
     sparse_replicas: ServeReplicaConfig = Field(default_factory=ServeReplicaConfig)
 
     _absolute_models = field_validator("embedder", "reranker", "sparse")(lambda uri: uri and _labelled_absolute(uri))
+
+    @field_serializer("api_key")
+    def _never_dumped(self, key: SecretStr | None) -> None:
+        """Configs are written beside artifacts and into job folders: the key stays in memory and the environment."""
+        return None
 
     @field_validator("gateway_replicas", mode="before")
     @classmethod

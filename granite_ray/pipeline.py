@@ -50,6 +50,7 @@ class ResolvedStage:
     artifact: str
     config_hash: str
     inputs: list[str]
+    api_key: str | None = None  # a serve stage's key: the job's environment, never its config file
 
     @property
     def name(self) -> str:
@@ -90,21 +91,18 @@ def resolve_stages(pipeline: PipelineConfig) -> list[ResolvedStage]:
         digest = hashlib.sha256(config_yaml.encode())
         for ref in inputs:
             digest.update(resolved[ref].config_hash.encode())
-        resolved[spec.name] = ResolvedStage(spec, config_yaml, config.output_uri, digest.hexdigest()[:16], sorted(set(inputs)))
+        key = getattr(config, "api_key", None)
+        resolved[spec.name] = ResolvedStage(spec, config_yaml, config.output_uri, digest.hexdigest()[:16], sorted(set(inputs)),
+                                            key.get_secret_value() if key else None)
     return list(resolved.values())
 
 
-def without_api_key(config_yaml: str, env_vars: dict[str, str], secrets: list[str]) -> tuple[str, dict[str, str], list[str]]:
-    """A serve stage's api_key travels in its job's environment, never in the config file written beside the
-    artifacts, and is masked in the streamed logs like every secret."""
-    import yaml
-
-    tree = yaml.safe_load(config_yaml)
-    key = tree.pop("api_key", None) if isinstance(tree, dict) else None
-    if not key:
-        return config_yaml, env_vars, secrets
-    return (yaml.safe_dump(tree, sort_keys=False), {**env_vars, API_KEY_ENV: key},
-            sorted({*secrets, key}, key=len, reverse=True))
+def with_api_key(stage: ResolvedStage, env_vars: dict[str, str], secrets: list[str]) -> tuple[dict[str, str], list[str]]:
+    """A serve stage's api_key travels in its job's environment (the dumped config never holds it) and is
+    masked in the streamed logs like every secret."""
+    if not stage.api_key:
+        return env_vars, secrets
+    return {**env_vars, API_KEY_ENV: stage.api_key}, sorted({*secrets, stage.api_key}, key=len, reverse=True)
 
 
 def artifact_metrics(uri: str) -> dict:
@@ -267,8 +265,8 @@ class PipelineRunner:
     def run_stage(self, stage: ResolvedStage, client, python: str, env_vars: dict[str, str], secrets: list[str]) -> str | None:
         spec = stage.spec
         config_uri = storage.join(self.pipeline.output_uri, "_configs", f"{stage.name}.yaml")
-        config_yaml, env_vars, secrets = without_api_key(stage.config_yaml, env_vars, secrets)
-        storage.write_bytes(config_uri, config_yaml.encode())
+        env_vars, secrets = with_api_key(stage, env_vars, secrets)
+        storage.write_bytes(config_uri, stage.config_yaml.encode())
         entrypoint = f"{python} {job_script(spec.stage)} --config {config_uri}"
         started = time.time()
         job_id = client.submit_job(

@@ -102,14 +102,54 @@ def test_pipeline_errors_before_any_job(head, tmp_path):
     assert len(JobSubmissionClient(head.address).list_jobs()) == jobs_before
 
 
-def test_a_serve_stage_key_goes_to_the_job_environment_never_into_its_config_file():
-    from granite_ray.config import API_KEY_ENV, ServeConfig, dump_config
-    from granite_ray.pipeline import without_api_key
+def test_a_serve_stage_key_goes_to_the_job_environment_never_into_its_config_file(tmp_path):
+    from granite_ray.config import API_KEY_ENV, ServeConfig, dump_config, load_config
+    from granite_ray.pipeline import resolve_stages, with_api_key
 
-    config = ServeConfig(embedder="/models/minilm", api_key="s3cret-key-123")
-    written, env, secrets = without_api_key(dump_config(config), {"TOKENIZERS_PARALLELISM": "false"}, ["other-secret"])
-    assert "s3cret-key-123" not in written and env[API_KEY_ENV] == "s3cret-key-123"
+    config = load_config(ServeConfig, None, ["embedder=/models/minilm", "api_key=s3cret-key-123"])
+    assert config.api_key.get_secret_value() == "s3cret-key-123"
+    assert "s3cret-key-123" not in dump_config(config) and "s3cret-key-123" not in repr(config)
+    assert ServeConfig.model_validate(__import__("yaml").safe_load(dump_config(config))).api_key is None  # the job reads the env
+    pipeline = PipelineConfig.model_validate({"output_uri": str(tmp_path / "out"), "stages": [
+        {"name": "api", "stage": "serve", "overrides": ["embedder=/models/minilm", "api_key=s3cret-key-123"]},
+        {"name": "open", "stage": "serve", "overrides": ["embedder=/models/minilm"]}]})
+    keyed, plain = resolve_stages(pipeline)
+    assert "s3cret-key-123" not in keyed.config_yaml
+    env, secrets = with_api_key(keyed, {"TOKENIZERS_PARALLELISM": "false"}, ["other-secret"])
+    assert env[API_KEY_ENV] == "s3cret-key-123" and env["TOKENIZERS_PARALLELISM"] == "false"
     assert "s3cret-key-123" in secrets and "other-secret" in secrets  # masked in the streamed job logs
-    assert ServeConfig.model_validate(__import__("yaml").safe_load(written)).api_key is None  # the job reads the env
-    plain = dump_config(ServeConfig(embedder="/models/minilm"))
-    assert without_api_key(plain, {}, []) == (plain, {}, [])
+    assert with_api_key(plain, {}, []) == ({}, [])
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_job_marks_the_stage_and_ends_in_one_line(head, tmp_path, minilm_path):
+    import signal
+    import subprocess
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    output = tmp_path / "out"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"output_uri": str(output), "python": sys.executable, "working_dir": str(REPO), "stages": [
+        {"name": "eval", "stage": "eval", "overrides": [f"models=[{minilm_path}]", f"datasets=[{REPO.parent / 'shared' / 'data' / 'cranfield'}]"]}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "granite_ray.cli", "pipeline", "--config", str(path), "--address", head.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    lines = []
+    for line in proc.stdout:  # until the eval job is running
+        lines.append(line)
+        if "Running entrypoint for job eval-" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + rest
+    assert proc.returncode == 130, text
+    assert text.strip().splitlines()[-1] == "granite-ray pipeline: interrupted" and "Traceback" not in text, text
+    stage = json.loads((output / "manifest.json").read_text())["stages"]["eval"]
+    assert stage["status"] == "stopped"
+    client = JobSubmissionClient(head.address)
+    deadline = time.time() + 60
+    while str(client.get_job_status(stage["job_id"])) != "STOPPED" and time.time() < deadline:
+        time.sleep(1)
+    assert str(client.get_job_status(stage["job_id"])) == "STOPPED"

@@ -174,6 +174,23 @@ def test_conversation_queries_put_the_latest_turn_first_and_truncate_the_oldest(
     assert parse_pair({"query": "q", "pos": "p", "neg": ["a", "b"]}, 5, False)["negs"] == ["a", "b", "a", "b", "a"]
 
 
+def test_teacher_margin_leaves_out_negatives_the_teacher_scores_with_the_positive():
+    from granite_ray.data.conversations import RowError
+    from granite_ray.data.pairs import parse_pair, teacher_ordered
+
+    row = {"query": "q", "pos": ["p"], "neg": ["a", "b", "c", "d"], "pos_scores": [0.8], "neg_scores": [0.9, 0.5, 0.76, 0.7]}
+    # 0.95 * 0.8 = 0.76: "a" (above the positive) and "c" (at the margin) go; "b", "d" stay and are cycled to 3.
+    kept = parse_pair(row, 3, True, teacher_margin=0.95)
+    assert kept["negs"] == ["b", "d", "b"] and kept["scores"] == [0.8, 0.5, 0.7, 0.5]
+    assert parse_pair(row, 3, True)["negs"] == ["a", "b", "c"]  # None keeps every negative (the paper)
+    ordered = parse_pair(teacher_ordered(row), 2, False, teacher_margin=0.95)  # the reranker's lists: best first
+    assert ordered["negs"] == ["d", "b"]
+    with pytest.raises(RowError, match="within teacher_margin"):
+        parse_pair({**row, "neg_scores": [0.9, 0.8, 0.79, 0.77]}, 3, True, teacher_margin=0.95)
+    with pytest.raises(RowError, match="neg_scores"):
+        parse_pair({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [0.8]}, 1, False, teacher_margin=0.95)
+
+
 def test_mixture_draws_the_same_dataset_on_every_worker_in_proportion_to_sqrt_size():
     from granite_ray.data.pairs import sampling_weights
     from granite_ray.train.loop import _mixed_batches

@@ -50,8 +50,9 @@ def cycled(items: list, n: int) -> list:
     return [items[i % len(items)] for i in range(n)] if items else []
 
 
-def parse_pair(record: dict, negatives: int, with_scores: bool) -> dict:
-    """One row -> {query, pos, negs[, scores]}: the first positive and `negatives` negatives."""
+def parse_pair(record: dict, negatives: int, with_scores: bool, teacher_margin: float | None = None) -> dict:
+    """One row -> {query, pos, negs[, scores]}: the first positive and `negatives` negatives, those the
+    teacher scores at or above `teacher_margin` of the positive left out."""
     if not isinstance(record, dict):
         raise RowError("a row must be a JSON object")
     if "query" not in record or "pos" not in record:
@@ -62,14 +63,19 @@ def parse_pair(record: dict, negatives: int, with_scores: bool) -> dict:
     negs = _texts(record.get("neg", []), "neg")
     out = {"query": query_text(record["query"]), "pos": positives[0]}
     picked = list(range(len(negs)))
+    if with_scores or teacher_margin:
+        pos_scores = _scores(record.get("pos_scores"), len(positives), "pos_scores")
+        neg_scores = _scores(record.get("neg_scores"), len(negs), "neg_scores")
+        if teacher_margin:
+            picked = [i for i in picked if neg_scores[i] < teacher_margin * pos_scores[0]]
+            if negs and not picked:
+                raise RowError("every negative within teacher_margin of the positive")
     if negatives:
-        if not negs:
+        if not picked:
             raise RowError("no negatives")
         picked = cycled(picked, negatives)
         out["negs"] = [negs[i] for i in picked]
     if with_scores:
-        pos_scores = _scores(record.get("pos_scores"), len(positives), "pos_scores")
-        neg_scores = _scores(record.get("neg_scores"), len(negs), "neg_scores")
         out["scores"] = [pos_scores[0]] + [neg_scores[i] for i in picked]
     return out
 
@@ -110,8 +116,8 @@ class TokenizePairs:
         return [np.array(self.prefix + e.ids[:room] + self.suffix, dtype=np.int32) for e in encodings]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = parsed_rows(batch, lambda r: parse_pair(r, self.config.negatives, self.with_scores), self.counter)
         cfg = self.config
+        rows = parsed_rows(batch, lambda r: parse_pair(r, cfg.negatives, self.with_scores, cfg.teacher_margin), self.counter)
         out = {
             "query": object_column(self._encode([r["query"] for r in rows], cfg.query_prompt or "", cfg.query_max_len)),
             "pos": object_column(self._encode([r["pos"] for r in rows], cfg.passage_prompt or "", cfg.passage_max_len)),
@@ -131,7 +137,7 @@ def teacher_ordered(record: dict) -> dict:
     if isinstance(negs, list) and isinstance(scores, list) and len(negs) == len(scores) and \
             all(isinstance(v, (int, float)) for v in scores):
         order = sorted(range(len(negs)), key=lambda i: -scores[i])
-        record = {**record, "neg": [negs[i] for i in order]}
+        record = {**record, "neg": [negs[i] for i in order], "neg_scores": [scores[i] for i in order]}
     return record
 
 
@@ -158,7 +164,8 @@ class TokenizeLists:
         return best_passages(query, text, self.passages.words, self.passages.overlap_words)[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = parsed_rows(batch, lambda r: parse_pair(teacher_ordered(r), self.config.negatives, False), self.counter)
+        rows = parsed_rows(batch, lambda r: parse_pair(teacher_ordered(r), self.config.negatives, False,
+                                                       self.config.teacher_margin), self.counter)
         cfg = self.config
         queries = [(cfg.query_prompt or "") + r["query"] for r in rows]
         # The query cap of R2's reranker (64 tokens): the passage keeps the rest of the pair's length.

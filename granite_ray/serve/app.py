@@ -54,14 +54,18 @@ def build_app(args: dict | ServeConfig) -> Application:
             names[kind], uri = split_label(entry)
             replicas = getattr(config, f"{field}_replicas")
             bound[field] = deployment.options(**deployment_options(replicas)).bind(uri, config, replicas.threads)
-    api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = serve_api_key(config)
     return Gateway.options(**deployment_options(config.gateway_replicas)).bind(config, api_key, names, **bound)
+
+
+def serve_api_key(config: ServeConfig) -> str | None:
+    return (config.api_key.get_secret_value() if config.api_key else os.environ.get(API_KEY_ENV)) or None
 
 
 def check_exposure(config: ServeConfig) -> None:
     """An API on other interfaces than loopback answers anyone who reaches it: only with a key, or when told."""
     loopback = config.host in ("localhost", "::1") or config.host.startswith("127.")
-    if not loopback and not (config.api_key or os.environ.get(API_KEY_ENV)) and not config.allow_anonymous:
+    if not loopback and not serve_api_key(config) and not config.allow_anonymous:
         raise ConfigError(f"host {config.host} serves every interface without an API key: set api_key (or "
                           f"{API_KEY_ENV}), or allow_anonymous=true behind a gateway that authenticates")
 
