@@ -50,7 +50,7 @@ class ResolvedStage:
     artifact: str
     config_hash: str
     inputs: list[str]
-    api_key: str | None = None  # a serve stage's key: the job's environment, never its config file
+    api_key: str | None = field(default=None, repr=False)  # a serve stage's key: the job's environment, never its config file
 
     @property
     def name(self) -> str:
