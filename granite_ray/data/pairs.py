@@ -164,9 +164,8 @@ class TokenizeLists:
         return best_passages(query, text, self.passages.words, self.passages.overlap_words)[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = parsed_rows(batch, lambda r: parse_pair(teacher_ordered(r), self.config.negatives, False,
-                                                       self.config.teacher_margin), self.counter)
         cfg = self.config
+        rows = parsed_rows(batch, lambda r: parse_pair(teacher_ordered(r), cfg.negatives, False, cfg.teacher_margin), self.counter)
         queries = [(cfg.query_prompt or "") + r["query"] for r in rows]
         # The query cap of R2's reranker (64 tokens): the passage keeps the rest of the pair's length.
         offsets = [e.offsets for e in self.queries.encode_batch(queries, add_special_tokens=False)]  # _fast has no offsets
