@@ -80,6 +80,9 @@ def resolve_stages(pipeline: PipelineConfig) -> list[ResolvedStage]:
             inputs.append(ref)
             return resolved[ref].artifact
 
+        if any(o.startswith("api_key=") and not REFERENCE.fullmatch(o.removeprefix("api_key=")) for o in spec.overrides):
+            raise PipelineError(f"stage {spec.name!r}: a pipeline file must not hold an api_key; set {API_KEY_ENV} in the "
+                                f"environment of `granite-ray pipeline` (or api_key=${{name}} with variables.name on its command line)")
         defaults = [f"stage={spec.stage}", f"output_uri={storage.join(pipeline.output_uri, spec.name)}",
                     f"storage_path={storage.join(pipeline.output_uri, '_runs')}", f"run_name={spec.name}"]
         overrides = defaults + [REFERENCE.sub(substitute, o) for o in spec.overrides]
@@ -91,9 +94,10 @@ def resolve_stages(pipeline: PipelineConfig) -> list[ResolvedStage]:
         digest = hashlib.sha256(config_yaml.encode())
         for ref in inputs:
             digest.update(resolved[ref].config_hash.encode())
-        key = getattr(config, "api_key", None)
-        resolved[spec.name] = ResolvedStage(spec, config_yaml, config.output_uri, digest.hexdigest()[:16], sorted(set(inputs)),
-                                            key.get_secret_value() if key else None)
+        key = config.api_key.get_secret_value() if getattr(config, "api_key", None) else None
+        if spec.stage == "serve":
+            key = key or os.environ.get(API_KEY_ENV) or None
+        resolved[spec.name] = ResolvedStage(spec, config_yaml, config.output_uri, digest.hexdigest()[:16], sorted(set(inputs)), key)
     return list(resolved.values())
 
 
