@@ -454,6 +454,9 @@ class PairDataConfig(Section):
     read_tasks: int = Field(2, gt=0)
     tokenize_actors: int = Field(1, gt=0)
     max_rows: int | None = Field(None, gt=0, description="rows read per dataset at most")
+    cache_rows: int = Field(100_000, ge=0, description=(
+        "a dataset of at most this many rows is tokenized once and kept in Ray's object store for every epoch "
+        "(about 5 KB a row); a larger one streams, re-read and re-tokenized each epoch. 0: always stream"))
     teacher_margin: float | None = Field(None, gt=0, le=1, description=(
         "drop negatives the teacher scores at or above this share of its score of the positive (likely unjudged "
         "relevant documents; RocketQA's denoising), before the `negatives` are picked; rows left with none are "

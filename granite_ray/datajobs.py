@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import ray
 
 from granite_ray import storage
 from granite_ray.config import SummarizeTablesConfig, TeacherScoresConfig, dump_config
-from granite_ray.data.corpus import DropCounter, object_column, read_record_lines, resolve_files
+from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
+from granite_ray.data.pairs import scoring_rows
 from granite_ray.data.tables import read_tables
 from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, resolved_backend
 from granite_ray.runtime import init_ray, log
@@ -49,22 +49,12 @@ def _parquet_row_counts(uri: str) -> list[int]:
             for f in storage.list_files(uri) if f.endswith(".parquet")]
 
 
-def _scoring_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    rows = [json.loads(line) for line in batch["line"]]
-    for row, source, number in zip(rows, batch["source"], batch["lineno"]):
-        if not isinstance(row.get("query"), str) or not isinstance(row.get("pos"), list) or not isinstance(row.get("neg", []), list):
-            raise ValueError(f"{source}:{number}: a row needs query (string), pos and neg (lists of strings)")
-    return {"query": np.array([r["query"] for r in rows], dtype=object),
-            "pos": object_column([[str(p) for p in r["pos"]] for r in rows]),
-            "neg": object_column([[str(n) for n in r.get("neg", [])] for r in rows])}
-
-
 def run_teacher_scores(config: TeacherScoresConfig) -> str:
     """{query, pos, neg} rows -> the same rows with pos_scores and neg_scores from the teacher."""
     init_ray(config)  # first: it exports the config's S3 settings
     storage.begin_output(config.output_uri, dump_config(config).encode())
     backend = resolved_backend(config.llm)
-    scored = read_record_lines(resolve_files([config.input_uri], field="input_uri")).map_batches(_scoring_rows, batch_size=None, num_cpus=0.25).map_batches(
+    scored = read_record_lines(resolve_files([config.input_uri], field="input_uri")).map_batches(scoring_rows, batch_size=None, num_cpus=0.25).map_batches(
         TeacherEmbedder, batch_size=config.llm.batch_size, compute=ray.data.ActorPoolStrategy(size=config.llm.replicas),
         fn_constructor_kwargs={"llm_config": config.llm.model_dump(), "backend": backend, "pooling": config.pooling,
                                "query_template": config.query_template, "task": config.task},

@@ -10,61 +10,18 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import ray
-from tokenizers import Tokenizer
 
 from granite_ray import storage
 from granite_ray.config import RetroMAEConfig
-from granite_ray.data.corpus import DropCounter, object_column, read_corpus, read_record_lines, resolve_files
+from granite_ray.data.corpus import DropCounter, read_corpus, read_record_lines, resolve_files
+from granite_ray.data.examples import TokenizeExamples, summary_rows
 from granite_ray.data.tables import read_tables
 from granite_ray.encoder import special_frame
 from granite_ray.runtime import init_ray, log
 from granite_ray.stages import STAGES
 from granite_ray.tokenizer import load_tokenizer, tokenizer_files
 from granite_ray.train.loop import run_training
-
-
-class TokenizeExamples:
-    """Ray Data actor: {enc_text[, dec_text]} rows -> {enc, dec} framed token ids.
-
-    `windows=True` cuts a long encoder text into consecutive windows, one example each."""
-
-    def __init__(self, tokenizer_json: str, frame: tuple[list[int], list[int]], max_len: int, windows: bool) -> None:
-        self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.prefix, self.suffix = frame
-        self.room = max_len - len(self.prefix) - len(self.suffix)
-        self.windows = windows
-
-    def _ids(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        encoded = self._ids(list(batch["enc_text"]))
-        targets = self._ids(list(batch["dec_text"])) if "dec_text" in batch else [[] for _ in encoded]
-        enc, dec = [], []
-        for content, target in zip(encoded, targets):
-            pieces = [content[s:s + self.room] for s in range(0, len(content), self.room)] if self.windows else [content[:self.room]]
-            for piece in pieces:
-                if len(piece) < 2:
-                    continue
-                enc.append(np.array(self.prefix + piece + self.suffix, dtype=np.int32))
-                dec.append(np.array(self.prefix + target[:self.room] + self.suffix if target else [], dtype=np.int32))
-        return {"enc": object_column(enc), "dec": object_column(dec)}
-
-
-def _summary_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """summarize-tables parquet rows -> the linearized table and its summary."""
-    enc, dec = [], []
-    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
-        row = json.loads(line)
-        if not isinstance(row.get("linearized"), str) or not isinstance(row.get("summary"), str):
-            raise ValueError(f"{source}:{number}: a summarize-tables row needs linearized and summary (strings)")
-        enc.append(row["linearized"])
-        dec.append(row["summary"])
-    return {"enc_text": np.array(enc, dtype=object), "dec_text": np.array(dec, dtype=object)}
 
 
 def _examples(ds: ray.data.Dataset, tokenizer, config: RetroMAEConfig, windows: bool) -> ray.data.Dataset:
@@ -88,7 +45,7 @@ def retromae_sources(config: RetroMAEConfig, tokenizer, counter) -> dict[str, ra
     tables = config.tables
     if config.stage == "tabular-retromae" and tables.summaries:
         lines = read_record_lines(resolve_files(tables.summaries, "parquet", "tables.summaries"), config.data.read_tasks)
-        sources["summaries"] = _examples(lines.map_batches(_summary_rows, batch_size=None, num_cpus=0.25),
+        sources["summaries"] = _examples(lines.map_batches(summary_rows, batch_size=None, num_cpus=0.25),
                                          tokenizer, config, windows=False)
     if config.stage == "tabular-retromae" and tables.tables:
         raw = read_tables(tables.tables, counter).map_batches(lambda b: {"enc_text": b["linearized"]}, batch_size=None, num_cpus=0.25)

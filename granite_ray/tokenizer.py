@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from granite_ray import storage
+
+if TYPE_CHECKING:  # transformers imports torch: Ray Data's tokenizer workers import this module without either
+    from transformers import PreTrainedTokenizerFast
 
 # Texts are cut to this many characters per token of budget before tokenizing: a long document
 # (a 50k-character meeting) would otherwise be tokenized whole only to keep its first few hundred
@@ -21,6 +23,8 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train on an iterator of texts: the corpus streams through and is never held whole."""
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,6 +48,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 def load_tokenizer(uri: str) -> PreTrainedTokenizerFast:
     """Load from a local directory or an s3:// URI (artifact or tokenizer-only folder)."""
+    from transformers import AutoTokenizer
+
     with storage.local_copy(uri) as path:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     missing = [name for name in SPECIAL_TOKENS if getattr(tokenizer, name) is None]

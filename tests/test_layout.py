@@ -73,3 +73,23 @@ def test_inference_never_reaches_training_code():
 
 def test_the_training_loop_never_looks_a_stage_up():
     assert "granite_ray.stages" not in reachable(import_graph(), "granite_ray.train.loop")
+
+
+# The modules whose functions and classes Ray Data runs on raw rows (readers, parsers, tokenizers).
+# Each worker process imports the callable's module: with torch and transformers that costs ~12 s
+# a worker on 2 cores, paid by every tokenizer actor and by the Train controller that unpickles
+# the datasets. Workers that run a model (encoders, teachers, vLLM) need them and are not listed.
+DATA_WORKER_MODULES = ["granite_ray.data.corpus", "granite_ray.data.tables", "granite_ray.data.pairs",
+                       "granite_ray.data.examples", "granite_ray.data.packing", "granite_ray.evaluate.beir"]
+
+
+def test_ray_data_workers_import_neither_torch_nor_transformers():
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import importlib, json, sys\nheavy = {'torch', 'transformers', 'sentence_transformers'}\nfound = {}\n"
+             f"for name in {DATA_WORKER_MODULES!r}:\n"
+             "    importlib.import_module(name)\n    found[name] = sorted(heavy & set(sys.modules))\nprint(json.dumps(found))")
+    found = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert found == {name: [] for name in DATA_WORKER_MODULES}

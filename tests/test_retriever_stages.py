@@ -191,6 +191,32 @@ def test_teacher_margin_leaves_out_negatives_the_teacher_scores_with_the_positiv
         parse_pair({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [0.8]}, 1, False, teacher_margin=0.95)
 
 
+def test_a_small_dataset_is_tokenized_once_in_file_order_and_a_large_one_streams(ray_local, pairs, minilm_path):
+    from transformers import AutoTokenizer
+
+    from granite_ray.config import PairDataConfig
+    from granite_ray.data.pairs import TokenizePairs, read_pairs
+    from ray.data.dataset import MaterializedDataset
+    from granite_ray.encoder import special_frame
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+
+    def read(cache_rows: int):
+        data = PairDataConfig(datasets=[str(pairs)], negatives=2, passage_max_len=32, cache_rows=cache_rows)
+        args = (tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), data.model_dump(), False)
+        datasets, sizes, _ = read_pairs(data, TokenizePairs, args)
+        assert sizes == {"cranfield_pairs.jsonl": 64}
+        return datasets["cranfield_pairs.jsonl"]
+
+    cached, streamed = read(64), read(63)
+    assert isinstance(cached, MaterializedDataset) and not isinstance(streamed, MaterializedDataset)
+    queries = [json.loads(line)["query"] for line in pairs.read_text().splitlines()]
+    decoded = [tokenizer.decode(row["query"], skip_special_tokens=True) for row in cached.take_all()]
+    assert decoded == [tokenizer.decode(tokenizer(q)["input_ids"], skip_special_tokens=True) for q in queries]  # file order
+    ids = lambda ds: sorted(row["query"].tolist() for row in ds.take_all())  # noqa: E731
+    assert ids(cached) == ids(streamed)  # the same rows a streamed epoch holds
+
+
 def test_mixture_draws_the_same_dataset_on_every_worker_in_proportion_to_sqrt_size():
     from granite_ray.data.pairs import sampling_weights
     from granite_ray.train.loop import _mixed_batches

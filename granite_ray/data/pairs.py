@@ -180,6 +180,18 @@ class TokenizeLists:
                 "types": object_column([types[i * n:(i + 1) * n] for i in range(len(rows))])}
 
 
+def scoring_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Raw record lines -> {query, pos, neg} for a teacher to score; a malformed row fails the job
+    with its file and line (scores must cover every row the next stage trains on)."""
+    rows = [json.loads(line) for line in batch["line"]]
+    for row, source, number in zip(rows, batch["source"], batch["lineno"]):
+        if not isinstance(row.get("query"), str) or not isinstance(row.get("pos"), list) or not isinstance(row.get("neg", []), list):
+            raise ValueError(f"{source}:{number}: a row needs query (string), pos and neg (lists of strings)")
+    return {"query": np.array([r["query"] for r in rows], dtype=object),
+            "pos": object_column([[str(p) for p in r["pos"]] for r in rows]),
+            "neg": object_column([[str(n) for n in r.get("neg", [])] for r in rows])}
+
+
 def read_pairs(config: PairDataConfig, tokenize: type, tokenize_args: tuple) -> tuple[dict[str, ray.data.Dataset], dict[str, int], object]:
     """One tokenized Dataset per named dataset (`tokenize` actor built with `tokenize_args` + the drop
     counter), their row counts, and the drop counter."""
@@ -192,11 +204,21 @@ def read_pairs(config: PairDataConfig, tokenize: type, tokenize_args: tuple) -> 
         lines = read_record_lines(resolve_files([uri], field="data.datasets"), config.read_tasks)
         if config.max_rows:
             lines = lines.limit(config.max_rows)
-        datasets[name] = lines.map_batches(tokenize, batch_size=256, num_cpus=0.25,
-                                           compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors),
-                                           fn_constructor_args=(*tokenize_args, counter))
+        tokenized = lines.map_batches(tokenize, batch_size=256, num_cpus=0.25,
+                                      compute=ray.data.ActorPoolStrategy(size=config.tokenize_actors),
+                                      fn_constructor_args=(*tokenize_args, counter))
         sizes[name] = lines.count()
+        datasets[name] = cached_if_small(tokenized, sizes[name], config.cache_rows)
     return datasets, sizes, counter
+
+
+def cached_if_small(ds: ray.data.Dataset, rows: int, cache_rows: int) -> ray.data.Dataset:
+    """A small dataset tokenized once, in file order, for every epoch: streamed, each epoch would read
+    it again and start its tokenizer actors again (about 20 s an epoch on 2 cores, for any size)."""
+    if rows > cache_rows:
+        return ds
+    ds.context.execution_options.preserve_order = True  # the order stride sharding and resumes rely on
+    return ds.materialize()
 
 
 def sampling_weights(sizes: dict[str, int], power: float) -> dict[str, float]:
