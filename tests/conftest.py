@@ -24,14 +24,26 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 # What makes a test slow here: a Ray cluster, the S3 server, a vLLM engine or a job (minutes, not seconds).
-SLOW_FIXTURES = {"ray_local", "s3", "bucket", "smollm2"}
+SLOW_FIXTURES = {"ray_local", "s3", "bucket", "smollm2", "head"}
+# Markers that say what a test starts, to pick a part of the suite (`pytest -m "s3 and not vllm"`).
+MARKED_BY_FIXTURE = {"ray": {"ray_local", "head"}, "s3": {"s3", "bucket"}, "job": {"head"}}
+SLOW_MARKERS = ("job", "vllm")  # set by hand: a Ray job or CLI process of its own; a vLLM engine
 
 
 def pytest_collection_modifyitems(items):
-    """`slow` on every test that needs a slow fixture, however indirectly (`make test-fast` skips them)."""
+    """`ray`, `s3` and `job` by the fixtures a test needs, however indirectly; `slow` on every test that
+    starts any of these or a vLLM engine (`make test-fast` skips them), `unit` on the rest."""
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for marker, names in MARKED_BY_FIXTURE.items():
+            if fixtures & names:
+                item.add_marker(marker)
+        if item.get_closest_marker("job"):
+            item.add_marker(pytest.mark.ray)
+        if fixtures & SLOW_FIXTURES or any(item.get_closest_marker(m) for m in SLOW_MARKERS):
             item.add_marker(pytest.mark.slow)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

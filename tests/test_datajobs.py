@@ -41,6 +41,7 @@ def test_malformed_tables_say_why(value, reason):
         parse_table(value)
 
 
+@pytest.mark.vllm
 def test_smollm2_summaries_for_real_tables_in_vllm_with_bad_rows_skipped(ray_local, tmp_path, smollm2):
     from granite_ray.datajobs import run_summarize_tables
 
@@ -65,6 +66,7 @@ def test_smollm2_summaries_for_real_tables_in_vllm_with_bad_rows_skipped(ray_loc
     (tmp_path.parent / "smollm2-summaries.json").write_text(json.dumps(rows, indent=2))  # quoted in the issue note
 
 
+@pytest.mark.vllm
 def test_teacher_scores_through_vllm_equal_sentence_transformers(ray_local, tmp_path, minilm_path):
     from sentence_transformers import SentenceTransformer
 

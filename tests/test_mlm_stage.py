@@ -33,7 +33,7 @@ def assert_standard_loaders_agree(path: Path) -> None:
     assert from_st.std() > 0
 
 
-@pytest.mark.slow  # a Ray job or a CLI process
+@pytest.mark.job  # a Ray job or a CLI process
 def test_mlm_job_submitted_to_a_ray_cluster_succeeds_and_learns(tmp_path):
     out = tmp_path / "artifact"
     head = LocalHead(num_cpus=2).start()

@@ -131,7 +131,6 @@ def test_a_serve_stage_key_goes_to_the_job_environment_never_into_its_config_fil
     assert from_env.api_key == "env-key-456" and "env-key-456" not in from_env.config_yaml + repr(from_env)
 
 
-@pytest.mark.slow
 def test_ctrl_c_stops_the_running_job_marks_the_stage_and_ends_in_one_line(head, tmp_path, minilm_path):
     import signal
     import subprocess

@@ -200,7 +200,7 @@ def test_eval_reranks_long_documents_by_their_best_passages(trained, tmp_path):
         assert reranked[q]["m2"] < min(reranked[q]["m0"], reranked[q]["m1"])  # below the reranked top 2
 
 
-@pytest.mark.slow  # a Ray job or a CLI process
+@pytest.mark.job  # a Ray job or a CLI process
 def test_reranker_training_and_rerank_evaluation_run_as_ray_jobs(tmp_path, minilm_path):
     """`ray job submit` of jobs/train_reranker.py, then jobs/evaluate.py reranking with its artifact."""
     import sys

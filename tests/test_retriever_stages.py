@@ -358,6 +358,7 @@ def test_bad_stage_configs_name_the_field(tiny_artifact):
         load_config(RetroMAEConfig, None, ["stage=tabular-retromae", f"model.init_from={tiny_artifact}"])
 
 
+@pytest.mark.job  # a Ray job
 def test_conversational_adaptation_runs_as_a_ray_job_from_s3_artifact_to_s3_artifact(s3, bucket, tmp_path, minilm_path):
     """Real mtrag conversations as queries, teacher scores from MiniLM itself, submitted with `ray job submit`'s client."""
     import sys

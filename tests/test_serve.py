@@ -449,7 +449,7 @@ def test_serve_yaml_validates_and_its_builder_builds_from_its_args():
         call_user_app_builder_with_args_if_necessary(builder, {"port": 8000})
 
 
-@pytest.mark.slow  # a Ray job or a CLI process
+@pytest.mark.job  # a Ray job or a CLI process
 def test_cli_serves_on_loopback_until_interrupted(minilm_path, tmp_path):
     """`granite-ray serve` on its own embedded Ray: answers on 127.0.0.1 only, exits cleanly on SIGINT."""
     port = free_port()

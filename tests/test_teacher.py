@@ -88,6 +88,7 @@ def test_packed_sliding_window_decoder_attention_equals_each_text_alone():
     assert (wide - alone[10:]).abs().max() > 1e-3  # the window changed the result: the test can fail
 
 
+@pytest.mark.vllm
 def test_vllm_teacher_scores_pool_the_eos_its_tokenizer_leaves_out(ray_local, tmp_path, smollm2):
     """SmolLM2's tokenizer appends no EOS; teacher-scores appends it, so vLLM's LAST pooling reads the
     hidden state at EOS (computed here with transformers) and not at the text's last word."""
@@ -119,6 +120,8 @@ def test_vllm_teacher_scores_pool_the_eos_its_tokenizer_leaves_out(ray_local, tm
         assert max(abs(a - b) for a, b in zip(expected, without_eos)) > 0.01  # the position matters
 
 
+@pytest.mark.vllm
+@pytest.mark.job  # a Ray job
 def test_train_teacher_runs_as_a_ray_job_with_lora_and_its_artifact_loads_everywhere(ray_local, tmp_path, smollm2):
     """`ray job submit` of jobs/train_teacher.py (SmolLM2-135M, LoRA): a plain merged checkpoint that
     sentence-transformers loads with the instruction as its query prompt and EOS pooling, and that
