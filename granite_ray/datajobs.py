@@ -10,7 +10,7 @@ from granite_ray import storage
 from granite_ray.config import SummarizeTablesConfig, TeacherScoresConfig, dump_config
 from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
 from granite_ray.data.pairs import scoring_rows
-from granite_ray.data.tables import read_tables
+from granite_ray.data.tables import BAD_TABLE, read_tables
 from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, resolved_backend
 from granite_ray.runtime import init_ray, log
 
@@ -30,10 +30,13 @@ def run_summarize_tables(config: SummarizeTablesConfig) -> str:
     fs, path = storage.resolve(storage.join(config.output_uri, "summaries"))
     summaries.write_parquet(path, filesystem=fs)
     storage.commit_output(config.output_uri)
-    rejected = ray.get(counter.examples.remote())
+    # A table that does not parse is shown with why (its file:line: the parser's message); a line that
+    # is no JSON record with its reason.
+    rejected = [row if reason == BAD_TABLE else f"{row}: {reason}"
+                for reason, rows in ray.get(counter.examples.remote()).items() for row in rows]
     written = sum(pq_rows for pq_rows in _parquet_row_counts(storage.join(config.output_uri, "summaries")))
-    stats = {"tables_summarized": written, "tables_rejected": len(rejected.get("bad_table", [])),
-             "rejected": rejected.get("bad_table", [])[:100], "backend": backend, "model": config.llm.model}
+    stats = {"tables_summarized": written, "tables_rejected": len(rejected), "rejected": rejected[:100],
+             "backend": backend, "model": config.llm.model}
     for reason in stats["rejected"][:5]:
         log(f"skipped a table: {reason}")
     storage.add_to_output(config.output_uri, "stats.json", json.dumps(stats, indent=2).encode())

@@ -81,3 +81,27 @@ def test_head_records_reads_the_first_records_of_jsonl_and_parquet(tmp_path, buc
     assert [r["_id"] for r in head_records(storage.join(root, "part-2.parquet"), 10)] == ["p1", "p2", "p3", "p4"]
     with pytest.raises(ValueError, match=r"part-1.jsonl:2: not JSON"):
         head_records(storage.join(root, "part-1.jsonl"), 5)
+
+
+def test_rows_a_later_step_must_cover_whole_fail_on_the_first_bad_line_with_its_file_and_line():
+    """Without a drop counter (teacher inputs, evaluation corpora) the one parser stops at a bad row."""
+    import numpy as np
+
+    from granite_ray.data.pairs import scoring_rows
+    from granite_ray.data.rows import RowError
+    from granite_ray.evaluate.beir import DatasetError, _documents
+
+    def batch(*lines: bytes) -> dict:
+        return {"line": np.array(lines, dtype=object), "source": np.array(["rows.jsonl"] * len(lines), dtype=object),
+                "lineno": np.arange(1, len(lines) + 1)}
+
+    good = b'{"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}'
+    assert scoring_rows(batch(good))["neg"][0] == ["n1", "n2"]
+    with pytest.raises(RowError, match=r"^rows.jsonl:2: bad_json$"):
+        scoring_rows(batch(good, b"{not json"))
+    with pytest.raises(RowError, match=r"^rows.jsonl:2: invalid_utf8$"):
+        scoring_rows(batch(good, b'{"query": "\xff"}'))
+    with pytest.raises(RowError, match=r"^rows.jsonl:1: a row needs query \(string\), pos and neg"):
+        scoring_rows(batch(b'{"query": 3, "pos": []}'))
+    with pytest.raises(DatasetError, match=r"^rows.jsonl:1: a corpus document needs an _id$"):
+        _documents(batch(b'{"text": "no id"}'))

@@ -79,7 +79,7 @@ def test_the_training_loop_never_looks_a_stage_up():
 # Each worker process imports the callable's module: with torch and transformers that costs ~12 s
 # a worker on 2 cores, paid by every tokenizer actor and by the Train controller that unpickles
 # the datasets. Workers that run a model (encoders, teachers, vLLM) need them and are not listed.
-DATA_WORKER_MODULES = ["granite_ray.data.corpus", "granite_ray.data.tables", "granite_ray.data.pairs",
+DATA_WORKER_MODULES = ["granite_ray.data.rows", "granite_ray.data.corpus", "granite_ray.data.tables", "granite_ray.data.pairs",
                        "granite_ray.data.examples", "granite_ray.data.packing", "granite_ray.evaluate.beir"]
 
 

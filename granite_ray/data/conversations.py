@@ -6,9 +6,7 @@ text at a token budget drops the oldest turns, never the question being asked no
 
 from __future__ import annotations
 
-
-class RowError(ValueError):
-    """A row lacks a field or has the wrong type; the message names file and line."""
+from granite_ray.data.rows import RowError
 
 
 def format_conversation(turns: list[dict]) -> str:

@@ -18,6 +18,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from granite_ray import storage
 from granite_ray.config import DataConfig
+from granite_ray.data.rows import RowError, parse_lines
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -130,33 +131,15 @@ def normalize_record(record: Any, text_fields: list[str], id_field: str, fallbac
     return str(doc_id), "\n".join(pieces)
 
 
-def _finish(ids: list[str], texts: list[str], dropped: list[tuple[str, str]], counter) -> dict[str, np.ndarray]:
-    if dropped:
-        ray.get(counter.add.remote(dropped))  # counted before the batch moves on
-    return {"id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
-
-
 def normalize_lines(batch: dict[str, np.ndarray], text_fields: list[str], id_field: str, counter) -> dict[str, np.ndarray]:
-    ids: list[str] = []
-    texts: list[str] = []
-    dropped: list[tuple[str, str]] = []
-    for line, source, lineno in zip(batch["line"], batch["source"], batch["lineno"]):
-        where = f"{source}:{lineno}"
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            dropped.append(("invalid_utf8", where))
-            continue
-        except json.JSONDecodeError:
-            dropped.append(("bad_json", where))
-            continue
+    def normalized(record, where: str) -> tuple[str, str]:
         result = normalize_record(record, text_fields, id_field, where)
         if isinstance(result, str):
-            dropped.append((result, where))
-        else:
-            ids.append(result[0])
-            texts.append(result[1])
-    return _finish(ids, texts, dropped, counter)
+            raise RowError(result)
+        return result
+
+    rows = parse_lines(batch, normalized, counter)
+    return {"id": np.array([i for i, _ in rows], dtype=object), "text": np.array([t for _, t in rows], dtype=object)}
 
 
 def head_records(uri: str, count: int) -> list[dict]:

@@ -3,12 +3,11 @@ framed token ids. Imports neither torch nor transformers, so its workers start i
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from tokenizers import Tokenizer
 
 from granite_ray.data.corpus import object_column
+from granite_ray.data.rows import RowError, parse_lines
 
 
 class TokenizeExamples:
@@ -41,13 +40,13 @@ class TokenizeExamples:
         return {"enc": object_column(enc), "dec": object_column(dec)}
 
 
+def _summary_row(record, where: str) -> tuple[str, str]:
+    if not isinstance(record, dict) or not isinstance(record.get("linearized"), str) or not isinstance(record.get("summary"), str):
+        raise RowError("a summarize-tables row needs linearized and summary (strings)")
+    return record["linearized"], record["summary"]
+
+
 def summary_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """summarize-tables parquet rows -> the linearized table and its summary."""
-    enc, dec = [], []
-    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
-        row = json.loads(line)
-        if not isinstance(row.get("linearized"), str) or not isinstance(row.get("summary"), str):
-            raise ValueError(f"{source}:{number}: a summarize-tables row needs linearized and summary (strings)")
-        enc.append(row["linearized"])
-        dec.append(row["summary"])
-    return {"enc_text": np.array(enc, dtype=object), "dec_text": np.array(dec, dtype=object)}
+    """summarize-tables parquet rows -> the linearized table and its summary; a malformed row fails the job."""
+    rows = parse_lines(batch, _summary_row)
+    return {"enc_text": np.array([e for e, _ in rows], dtype=object), "dec_text": np.array([d for _, d in rows], dtype=object)}

@@ -10,15 +10,15 @@ truncation at the end drops the oldest turns (Granite R2, conversational adaptat
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import ray
 from tokenizers import Tokenizer
 
 from granite_ray.config import PairDataConfig, PassageConfig, split_label
-from granite_ray.data.conversations import RowError, format_conversation
+from granite_ray.data.conversations import format_conversation
 from granite_ray.data.corpus import DropCounter, object_column, read_record_lines, resolve_files
+from granite_ray.data.rows import RowError, parse_lines
 from granite_ray.passages import best_passages
 from granite_ray.tokenizer import CHARS_PER_TOKEN_BOUND, cut_to_tokens
 
@@ -80,22 +80,6 @@ def parse_pair(record: dict, negatives: int, with_scores: bool, teacher_margin: 
     return out
 
 
-
-def parsed_rows(batch: dict[str, np.ndarray], parse, counter) -> list[dict]:
-    """Raw lines parsed by `parse`; unreadable rows dropped and counted by reason (file:line kept)."""
-    rows, dropped = [], []
-    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
-        try:
-            rows.append(parse(json.loads(line)))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            dropped.append(("bad_json", f"{source}:{number}"))
-        except RowError as err:
-            dropped.append((str(err), f"{source}:{number}"))
-    if dropped:
-        ray.get(counter.add.remote(dropped))
-    return rows
-
-
 class TokenizePairs:
     """Ray Data actor: raw lines -> framed token ids of query, positive and negatives."""
 
@@ -117,7 +101,7 @@ class TokenizePairs:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.config
-        rows = parsed_rows(batch, lambda r: parse_pair(r, cfg.negatives, self.with_scores, cfg.teacher_margin), self.counter)
+        rows = parse_lines(batch, lambda r, _: parse_pair(r, cfg.negatives, self.with_scores, cfg.teacher_margin), self.counter)
         out = {
             "query": object_column(self._encode([r["query"] for r in rows], cfg.query_prompt or "", cfg.query_max_len)),
             "pos": object_column(self._encode([r["pos"] for r in rows], cfg.passage_prompt or "", cfg.passage_max_len)),
@@ -165,7 +149,7 @@ class TokenizeLists:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.config
-        rows = parsed_rows(batch, lambda r: parse_pair(teacher_ordered(r), cfg.negatives, False, cfg.teacher_margin), self.counter)
+        rows = parse_lines(batch, lambda r, _: parse_pair(teacher_ordered(r), cfg.negatives, False, cfg.teacher_margin), self.counter)
         queries = [(cfg.query_prompt or "") + r["query"] for r in rows]
         # The query cap of R2's reranker (64 tokens): the passage keeps the rest of the pair's length.
         offsets = [e.offsets for e in self.queries.encode_batch(queries, add_special_tokens=False)]  # _fast has no offsets
@@ -180,16 +164,19 @@ class TokenizeLists:
                 "types": object_column([types[i * n:(i + 1) * n] for i in range(len(rows))])}
 
 
+def _scoring_row(record, where: str) -> dict:
+    if not isinstance(record, dict) or not isinstance(record.get("query"), str) or not isinstance(record.get("pos"), list) \
+            or not isinstance(record.get("neg", []), list):
+        raise RowError("a row needs query (string), pos and neg (lists of strings)")
+    return {"query": record["query"], "pos": [str(p) for p in record["pos"]], "neg": [str(n) for n in record.get("neg", [])]}
+
+
 def scoring_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Raw record lines -> {query, pos, neg} for a teacher to score; a malformed row fails the job
     with its file and line (scores must cover every row the next stage trains on)."""
-    rows = [json.loads(line) for line in batch["line"]]
-    for row, source, number in zip(rows, batch["source"], batch["lineno"]):
-        if not isinstance(row.get("query"), str) or not isinstance(row.get("pos"), list) or not isinstance(row.get("neg", []), list):
-            raise ValueError(f"{source}:{number}: a row needs query (string), pos and neg (lists of strings)")
+    rows = parse_lines(batch, _scoring_row)
     return {"query": np.array([r["query"] for r in rows], dtype=object),
-            "pos": object_column([[str(p) for p in r["pos"]] for r in rows]),
-            "neg": object_column([[str(n) for n in r.get("neg", [])] for r in rows])}
+            "pos": object_column([r["pos"] for r in rows]), "neg": object_column([r["neg"] for r in rows])}
 
 
 def read_pairs(config: PairDataConfig, tokenize: type, tokenize_args: tuple) -> tuple[dict[str, ray.data.Dataset], dict[str, int], object]:

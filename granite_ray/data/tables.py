@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
@@ -18,6 +17,10 @@ import ray
 
 from granite_ray.config import TablesConfig
 from granite_ray.data.corpus import read_record_lines, resolve_files
+from granite_ray.data.rows import RowError, parse_lines
+
+
+BAD_TABLE = "bad_table"  # the reason unreadable tables are counted under
 
 
 class TableError(ValueError):
@@ -134,26 +137,19 @@ def parse_table(value, fmt: str = "auto") -> Table:
 def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dict[str, np.ndarray]:
     """JSON lines -> {id, title, table (Markdown), linearized}; unreadable tables reported and skipped."""
     cfg = TablesConfig(**config)
-    out = {"id": [], "title": [], "table": [], "linearized": []}
-    rejected = []
-    for line, source, number in zip(batch["line"], batch["source"], batch["lineno"]):
-        where = f"{source}:{number}"
+
+    def parsed(record, where: str) -> dict[str, str]:
         try:
-            record = json.loads(line)
             if not isinstance(record, dict):
                 raise TableError("not a JSON object")
             table = parse_table(record.get(cfg.table_field), cfg.format)
-        except (json.JSONDecodeError, UnicodeDecodeError, TableError) as err:
-            rejected.append(("bad_table", f"{where}: {err}"))
-            continue
-        out["id"].append(str(record.get(cfg.id_field, where)))
-        out["title"].append(str(record.get(cfg.title_field) or ""))
-        out["table"].append(table.markdown())
-        out["linearized"].append(table.linearize())
-    if rejected:
-        ray.get(counter.add.remote(rejected))
-    return {k: np.array(v, dtype=object) for k, v in out.items()}
+        except TableError as err:
+            raise RowError(BAD_TABLE, detail=str(err)) from None
+        return {"id": str(record.get(cfg.id_field, where)), "title": str(record.get(cfg.title_field) or ""),
+                "table": table.markdown(), "linearized": table.linearize()}
 
+    rows = parse_lines(batch, parsed, counter)
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in ("id", "title", "table", "linearized")}
 
 
 def read_tables(config: TablesConfig, counter) -> ray.data.Dataset:

@@ -15,7 +15,8 @@ import ray
 
 from granite_ray import storage
 from granite_ray.errors import UserError
-from granite_ray.data.conversations import RowError, format_conversation
+from granite_ray.data.conversations import format_conversation
+from granite_ray.data.rows import RowError, parse_lines
 from granite_ray.data.corpus import iter_record_lines, read_record_lines
 
 
@@ -115,18 +116,19 @@ def document_text(row: dict) -> str:
     return (title + " " + text).strip() if title else text
 
 
+def _document(record, where: str) -> tuple[str, str]:
+    if not isinstance(record, dict) or "_id" not in record:
+        raise RowError("a corpus document needs an _id")
+    return str(record["_id"]), document_text(record)
+
+
 def _documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    ids, texts = [], []
-    for line, path, number in zip(batch["line"], batch["source"], batch["lineno"]):
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DatasetError(f"{path}:{number}: not a JSON document") from None
-        if not isinstance(row, dict) or "_id" not in row:
-            raise DatasetError(f"{path}:{number}: a corpus document needs an _id")
-        ids.append(str(row["_id"]))
-        texts.append(document_text(row))
-    return {"id": np.array(ids, dtype=object), "text": np.array(texts, dtype=object)}
+    """Corpus lines -> {id, text}; a malformed document fails the evaluation with its file:line."""
+    try:
+        rows = parse_lines(batch, _document)
+    except RowError as err:
+        raise DatasetError(str(err)) from None
+    return {"id": np.array([i for i, _ in rows], dtype=object), "text": np.array([t for _, t in rows], dtype=object)}
 
 
 def iter_documents(dataset: BeirDataset) -> Iterator[dict[str, np.ndarray]]:
