@@ -1,4 +1,4 @@
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo test test-e2e test-fast bench
 
 setup:
 	bash scripts/setup.sh
@@ -6,8 +6,13 @@ setup:
 demo: setup
 	.venv/bin/granite-ray demo
 
+# Every test but the end-to-end pipelines (CI runs this).
 test: setup
-	.venv/bin/python -m pytest tests
+	.venv/bin/python -m pytest -m "not e2e" tests
+
+# The end-to-end pipelines: configs/pipelines/adapt.yaml as shipped, every stage a Ray job (minutes).
+test-e2e: setup
+	.venv/bin/python -m pytest -m e2e tests
 
 # The tests that need no Ray cluster, S3 server, vLLM engine or job: a few minutes.
 test-fast: setup

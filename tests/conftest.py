@@ -167,3 +167,25 @@ def tiny_mlm(tmp_path_factory, minilm_path):
     BertForMaskedLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+LOADER_TEXTS = ["the boundary layer on a flat plate", "heat transfer to a blunt body in hypersonic flow",
+         "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)"]
+
+
+def assert_standard_loaders_agree(path: Path) -> None:
+    """SentenceTransformer(path) and AutoModel (CLS pooling) load our artifact and give the same vectors."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    st = SentenceTransformer(str(path), device="cpu")
+    from_st = st.encode(LOADER_TEXTS, convert_to_tensor=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(LOADER_TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        from_auto = model(**batch).last_hidden_state[:, 0]  # CLS pooling
+    assert from_st.shape == from_auto.shape
+    assert torch.allclose(from_st, from_auto, atol=1e-5)
+    assert from_st.std() > 0

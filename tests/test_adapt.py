@@ -172,6 +172,7 @@ def test_mining_writes_each_long_candidate_as_its_best_window(ray_local, tmp_pat
 
 
 @pytest.mark.timeout(1500)
+@pytest.mark.e2e
 @pytest.mark.job  # a Ray job or a CLI process
 def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_its_baseline(tmp_path, minilm_path):
     """configs/pipelines/adapt.yaml as shipped, on adi (82 documents) and one step per training stage:
@@ -213,6 +214,9 @@ def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["results"]) == {"base", "contrastive", "distill", "merged"}
     assert "reranked" in results["results"]["merged"]["split"] and "reranked" not in results["results"]["base"]["split"]
+    merged, reranked = results["results"]["merged"]["split"], results["results"]["merged"]["split"]["reranked"]
+    assert reranked["reranker"] == str(out / "reranker") and reranked["top_k"] == 20
+    assert reranked["recall_at_100"] == pytest.approx(merged["recall_at_100"])  # reranking reorders the top 20 only
     pairs = {(c["system"], c["baseline"]) for c in results["comparisons"]}
     assert ("merged + reranker", "merged") in pairs and ("distill", "contrastive") in pairs and len(pairs) == 7
     for c in results["comparisons"]:
@@ -230,6 +234,7 @@ def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_
     assert CrossEncoder(str(out / "reranker"), device="cpu").predict([("a query", "a passage")]).shape == (1,)
 
 
+@pytest.mark.slow  # 420 MB of wheels joined and unzipped, a 110M-parameter model loaded: half a minute
 def test_the_demo_teacher_is_all_mpnet_base_v2_assembled_from_its_wheels(tmp_path):
     from sentence_transformers import SentenceTransformer
 

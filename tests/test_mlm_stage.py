@@ -1,60 +1,10 @@
-"""Stage 1 (MLM) end to end: as a Ray job on a `ray start` cluster, and with S3 checkpoints."""
+"""Stage 1 (MLM) with S3 checkpoints and resume (as a Ray job, with learning checked: tests/test_pipeline.py)."""
 
 import json
-import sys
-from pathlib import Path
 
-import pytest
-import torch
-import yaml
-
-from conftest import REPO, SAMPLE
+from conftest import REPO, SAMPLE, assert_standard_loaders_agree
 from granite_ray import storage
 from granite_ray.config import PretrainMLMConfig, load_config
-from raycluster import LocalHead, submit_and_wait
-
-TEXTS = ["the boundary layer on a flat plate", "heat transfer to a blunt body in hypersonic flow",
-         "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)"]
-
-
-def assert_standard_loaders_agree(path: Path) -> None:
-    from sentence_transformers import SentenceTransformer
-    from transformers import AutoModel, AutoTokenizer
-
-    st = SentenceTransformer(str(path), device="cpu")
-    from_st = st.encode(TEXTS, convert_to_tensor=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        from_auto = model(**batch).last_hidden_state[:, 0]  # CLS pooling
-    assert from_st.shape == from_auto.shape
-    assert torch.allclose(from_st, from_auto, atol=1e-5)
-    assert from_st.std() > 0
-
-
-@pytest.mark.job  # a Ray job or a CLI process
-def test_mlm_job_submitted_to_a_ray_cluster_succeeds_and_learns(tmp_path):
-    out = tmp_path / "artifact"
-    head = LocalHead(num_cpus=2).start()
-    try:
-        status, logs = submit_and_wait(head, (
-            f"{sys.executable} jobs/pretrain_mlm.py --config configs/pretrain_mlm_tiny.yaml "
-            f"data.paths=[{SAMPLE}] train.max_steps=60 train.log_every=10 data.max_seq_len=128 "
-            f"storage_path={tmp_path / 'runs'} output_uri={out} run_name=job-test"))
-        assert status == "SUCCEEDED", logs[-4000:]
-    finally:
-        head.stop()
-    assert "step 60/60" in logs
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [10, 20, 30, 40, 50, 60]
-    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0, metrics  # loss falls on real text
-    assert metrics[-1]["packing_efficiency"] > 0.95
-    assert_standard_loaders_agree(out)
-    resolved = yaml.safe_load((out / "granite_ray.yaml").read_text())
-    assert resolved["train"]["max_steps"] == 60 and resolved["data"]["max_seq_len"] == 128
-    assert resolved["stage"] == "pretrain-mlm"
-    assert json.loads((out / "data_stats.json").read_text())["dropped_rows"] == {"empty_text": 2}  # 2 empty cranfield docs
 
 
 def test_mlm_ddp_checkpoints_to_s3_and_resumes_from_them(ray_local, bucket, tmp_path, capfd):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, SAMPLE
+from conftest import REPO, SAMPLE, assert_standard_loaders_agree
 from raycluster import LocalHead
 
 from granite_ray import storage
@@ -24,10 +24,10 @@ def _pipeline(output_uri: str, extra: list[dict] = ()) -> dict:
         "output_uri": output_uri, "python": sys.executable, "working_dir": str(REPO), "variables": {"corpus": str(SAMPLE)},
         "stages": [
             {"name": "tokenizer", "stage": "train-tokenizer",
-             "overrides": ["data.paths=[${corpus}/adi.jsonl]", "tokenizer.vocab_size=512"]},
+             "overrides": ["data.paths=[${corpus}]", "data.text_fields=[title, text]", "tokenizer.vocab_size=8192"]},
             {"name": "mlm", "stage": "pretrain-mlm", "config": str(REPO / "configs" / "pretrain_mlm_tiny.yaml"),
-             "overrides": ["tokenizer.path=${tokenizer}", f"data.paths=[{SAMPLE}/adi.jsonl]", "data.max_seq_len=64",
-                           "train.batch_size=4", "train.max_steps=4", "train.log_every=2"]},
+             "overrides": ["tokenizer.path=${tokenizer}", "data.paths=[${corpus}]", "data.max_seq_len=128",
+                           "train.max_steps=60", "train.log_every=10"]},
             {"name": "eval", "stage": "eval", "overrides": ["models=[${mlm}]", f"datasets=[{ADI}]"]},
             *extra,
         ]}
@@ -54,13 +54,21 @@ def test_pipeline_runs_chains_skips_and_reports_a_failed_stage(head, bucket, s3,
     manifest = json.loads(storage.read_bytes(f"{output}/manifest.json"))["stages"]
     assert {n: e["status"] for n, e in manifest.items()} == {"tokenizer": "succeeded", "mlm": "succeeded", "eval": "succeeded"}
     assert manifest["mlm"]["artifact"] == f"{output}/mlm" and manifest["mlm"]["inputs"] == ["tokenizer"]
-    assert manifest["mlm"]["metrics"]["last_step"]["step"] == 4 and manifest["mlm"]["seconds"] > 0
+    assert manifest["mlm"]["metrics"]["last_step"]["step"] == 60 and manifest["mlm"]["seconds"] > 0
+    # Stage 1 as a Ray job learns on real text and writes an artifact the standard loaders agree on.
+    metrics = [json.loads(line) for line in storage.read_bytes(f"{output}/mlm/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics] == [10, 20, 30, 40, 50, 60]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0, metrics
+    assert metrics[-1]["packing_efficiency"] > 0.95
+    assert_standard_loaders_agree(storage.download_dir(f"{output}/mlm", tmp_path / "mlm"))
+    assert json.loads(storage.read_bytes(f"{output}/mlm/data_stats.json"))["dropped_rows"] == {"empty_text": 2}  # 2 empty cranfield docs
     results = json.loads(storage.read_bytes(f"{output}/eval/results.json"))
     assert results["models"] == {"mlm": f"{output}/mlm"}  # the eval stage read the MLM stage's artifact
     assert manifest["eval"]["metrics"]["results"]["mlm"]["adi"]["ndcg_at_10"] == results["results"]["mlm"]["adi"]["ndcg_at_10"]
     resolved = yaml.safe_load(storage.read_bytes(manifest["mlm"]["config_uri"]))
-    assert resolved["tokenizer"]["path"] == f"{output}/tokenizer" and resolved["train"]["max_steps"] == 4
-    assert yaml.safe_load(storage.read_bytes(manifest["tokenizer"]["config_uri"]))["data"]["paths"] == [f"{SAMPLE}/adi.jsonl"]
+    assert resolved["tokenizer"]["path"] == f"{output}/tokenizer" and resolved["train"]["max_steps"] == 60
+    assert resolved["stage"] == "pretrain-mlm" and resolved["data"]["max_seq_len"] == 128
+    assert yaml.safe_load(storage.read_bytes(manifest["tokenizer"]["config_uri"]))["data"]["paths"] == [str(SAMPLE)]
     jobs_before = len(client.list_jobs())
 
     again = PipelineRunner(PipelineConfig.model_validate(_pipeline(output))).run(head.address)

@@ -157,16 +157,16 @@ def test_eval_reranks_the_embedder_top_k(trained, tmp_path, minilm_path):
         out = tmp_path / f"eval-{top_k}"
         run_eval(load_config(EvalConfig, None, [
             f"models=[{minilm_path}]", f"datasets=[{SHARED_DATA / 'humaneval'}]", f"reranker={trained}",
-            f"rerank_top_k={top_k}", "encode_actors=2", "cpus_per_actor=0.75", f"output_uri={out}"]))
+            f"rerank_top_k={top_k}", "rerank_max_length=128", "encode_actors=2", "cpus_per_actor=0.75", f"output_uri={out}"]))
         (per_model,) = json.loads((out / "results.json").read_text())["results"].values()
         return per_model["humaneval"]
 
     one = ndcg(1)
     assert one["ndcg_at_10"] == pytest.approx(0.9524, abs=1e-3)  # all-MiniLM-L6-v2 alone, as issue 4 measured
     assert one["reranked"]["ndcg_at_10"] == pytest.approx(one["ndcg_at_10"], abs=1e-9)  # reranking 1 keeps the order
-    twenty = ndcg(20)
-    assert twenty["reranked"]["ndcg_at_10"] != pytest.approx(twenty["ndcg_at_10"], abs=1e-4)
-    assert twenty["reranked"]["recall_at_100"] == pytest.approx(twenty["recall_at_100"])  # the same 100 documents
+    five = ndcg(5)
+    assert five["reranked"]["ndcg_at_10"] != pytest.approx(five["ndcg_at_10"], abs=1e-4)
+    assert five["reranked"]["recall_at_100"] == pytest.approx(five["recall_at_100"])  # the same 100 documents
 
 
 def test_eval_reranks_long_documents_by_their_best_passages(trained, tmp_path):
@@ -198,33 +198,3 @@ def test_eval_reranks_long_documents_by_their_best_passages(trained, tmp_path):
             assert len(windows) == 3 and all(len(w.split()) <= 40 for w in windows)
             assert reranked[q][d] == pytest.approx(float(reranker.score([(text, w) for w in windows]).max()), abs=1e-5)
         assert reranked[q]["m2"] < min(reranked[q]["m0"], reranked[q]["m1"])  # below the reranked top 2
-
-
-@pytest.mark.job  # a Ray job or a CLI process
-def test_reranker_training_and_rerank_evaluation_run_as_ray_jobs(tmp_path, minilm_path):
-    """`ray job submit` of jobs/train_reranker.py, then jobs/evaluate.py reranking with its artifact."""
-    import sys
-
-    from raycluster import LocalHead, submit_and_wait
-
-    rows = tmp_path / "lists.jsonl"
-    cranfield_rows(rows, negatives=3, limit=24, with_scores=True, seed=3)
-    head = LocalHead(num_cpus=2).start()
-    try:
-        status, logs = submit_and_wait(head, (
-            f"{sys.executable} jobs/train_reranker.py model.init_from={minilm_path} data.datasets=[{rows}] "
-            "data.negatives=3 max_length=96 train.batch_size=4 train.max_steps=4 train.log_every=2 train.lr=1e-4 "
-            f"train.optimizer=adamw train.cpus_per_worker=1 storage_path={tmp_path / 'runs'} "
-            f"output_uri={tmp_path / 'reranker'} run_name=reranker-job"))
-        assert status == "SUCCEEDED", logs[-4000:]
-        status, logs = submit_and_wait(head, (
-            f"{sys.executable} jobs/evaluate.py models=[{minilm_path}] datasets=[{SHARED_DATA / 'adi'}] "
-            f"reranker={tmp_path / 'reranker'} rerank_top_k=5 cpus_per_actor=1 output_uri={tmp_path / 'eval'}"))
-        assert status == "SUCCEEDED", logs[-4000:]
-    finally:
-        head.stop()
-    assert [json.loads(line)["step"] for line in (tmp_path / "reranker" / "metrics.jsonl").read_text().splitlines()] == [2, 4]
-    (result,) = json.loads((tmp_path / "eval" / "results.json").read_text())["results"].values()
-    reranked = result["adi"]["reranked"]
-    assert reranked["top_k"] == 5 and reranked["reranker"] == str(tmp_path / "reranker")
-    assert reranked["recall_at_100"] == pytest.approx(result["adi"]["recall_at_100"])  # reranking reorders the top 5 only

@@ -358,16 +358,14 @@ def test_bad_stage_configs_name_the_field(tiny_artifact):
         load_config(RetroMAEConfig, None, ["stage=tabular-retromae", f"model.init_from={tiny_artifact}"])
 
 
-@pytest.mark.job  # a Ray job
-def test_conversational_adaptation_runs_as_a_ray_job_from_s3_artifact_to_s3_artifact(s3, bucket, tmp_path, minilm_path):
-    """Real mtrag conversations as queries, teacher scores from MiniLM itself, submitted with `ray job submit`'s client."""
-    import sys
-
+def test_conversational_adaptation_from_s3_artifact_to_s3_artifact(ray_local, s3, bucket, tmp_path, minilm_path):
+    """Real mtrag conversations as queries, teacher scores from MiniLM itself, through the command that
+    `jobs/adapt_conversations.py` runs (the job path itself: tests/test_pipeline.py, tests/test_adapt.py)."""
     from sentence_transformers import SentenceTransformer
 
     from granite_ray import storage
+    from granite_ray.cli import main
     from granite_ray.data.conversations import format_conversation
-    from raycluster import LocalHead, submit_and_wait
 
     root = DATA / "mtrag_ibmcloud"
     docs = {r["_id"]: r["text"] for r in map(json.loads, (root / "corpus.jsonl").read_text().splitlines())}
@@ -386,17 +384,11 @@ def test_conversational_adaptation_runs_as_a_ray_job_from_s3_artifact_to_s3_arti
                      "pos_scores": [float(emb[0] @ emb[1])], "neg_scores": [float(emb[0] @ e) for e in emb[2:]]})
     storage.write_bytes(f"s3://{bucket}/conversations/rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     storage.publish_dir(minilm_path, f"s3://{bucket}/minilm")
-    head = LocalHead(num_cpus=2).start()
-    try:
-        status, logs = submit_and_wait(head, (
-            f"{sys.executable} jobs/adapt_conversations.py model.init_from=s3://{bucket}/minilm "
-            f"data.datasets=[s3://{bucket}/conversations] data.negatives=2 data.query_max_len=128 "
-            "data.passage_max_len=128 train.batch_size=8 train.max_steps=6 train.log_every=2 "
-            "train.lr=5e-6 train.optimizer=adamw train.cpus_per_worker=1 "
-            f"storage_path=s3://{bucket}/runs output_uri=s3://{bucket}/adapted run_name=conversations"))
-        assert status == "SUCCEEDED", logs[-4000:]
-    finally:
-        head.stop()
+    assert main(["adapt-conversations", f"model.init_from=s3://{bucket}/minilm",
+                 f"data.datasets=[s3://{bucket}/conversations]", "data.negatives=2", "data.query_max_len=128",
+                 "data.passage_max_len=128", "train.batch_size=8", "train.max_steps=6", "train.log_every=2",
+                 "train.lr=5e-6", "train.optimizer=adamw", "train.cpus_per_worker=1", f"storage_path=s3://{bucket}/runs",
+                 f"output_uri=s3://{bucket}/adapted", "run_name=conversations"]) == 0
     local = storage.download_dir(f"s3://{bucket}/adapted", tmp_path / "adapted")
     assert [json.loads(line)["step"] for line in (local / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
     resolved = (local / "granite_ray.yaml").read_text()

@@ -121,31 +121,22 @@ def test_vllm_teacher_scores_pool_the_eos_its_tokenizer_leaves_out(ray_local, tm
 
 
 @pytest.mark.vllm
-@pytest.mark.job  # a Ray job
-def test_train_teacher_runs_as_a_ray_job_with_lora_and_its_artifact_loads_everywhere(ray_local, tmp_path, smollm2):
-    """`ray job submit` of jobs/train_teacher.py (SmolLM2-135M, LoRA): a plain merged checkpoint that
+def test_train_teacher_trains_with_lora_and_its_artifact_loads_everywhere(ray_local, tmp_path, smollm2):
+    """The command `jobs/train_teacher.py` runs (SmolLM2-135M, LoRA): a plain merged checkpoint that
     sentence-transformers loads with the instruction as its query prompt and EOS pooling, and that
     vLLM serves in teacher-scores with sentence-transformers' scores."""
-    import sys
-
-    from raycluster import LocalHead, submit_and_wait
     from sentence_transformers import SentenceTransformer
 
+    from granite_ray.cli import main
     from granite_ray.datajobs import run_teacher_scores
 
     train_rows = tmp_path / "train.jsonl"
     cranfield_rows(train_rows, negatives=1, limit=16, seed=5)
     out = tmp_path / "teacher"
-    head = LocalHead(num_cpus=2).start()
-    try:
-        status, logs = submit_and_wait(head, (
-            f"{sys.executable} jobs/train_teacher.py model.init_from={smollm2} data.datasets=[{train_rows}] "
-            "data.negatives=1 data.query_max_len=48 data.passage_max_len=64 train.batch_size=4 train.max_steps=3 "
-            "train.log_every=1 train.lr=1e-3 train.optimizer=adamw lora.rank=4 train.cpus_per_worker=1 "
-            f"storage_path={tmp_path / 'runs'} output_uri={out} run_name=teacher-job"))
-        assert status == "SUCCEEDED", logs[-4000:]
-    finally:
-        head.stop()
+    assert main(["train-teacher", f"model.init_from={smollm2}", f"data.datasets=[{train_rows}]", "data.negatives=1",
+                 "data.query_max_len=48", "data.passage_max_len=64", "train.batch_size=4", "train.max_steps=3",
+                 "train.log_every=1", "train.lr=1e-3", "train.optimizer=adamw", "lora.rank=4", "train.cpus_per_worker=1",
+                 f"storage_path={tmp_path / 'runs'}", f"output_uri={out}", "run_name=teacher-job"]) == 0
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     weights, base = load_file(out / "model.safetensors"), load_file(f"{smollm2}/model.safetensors")
     assert not any("lora" in k for k in weights) and not (out / "adapter_config.json").exists()  # folded in
