@@ -80,9 +80,9 @@ def resolve_stages(pipeline: PipelineConfig) -> list[ResolvedStage]:
             inputs.append(ref)
             return resolved[ref].artifact
 
-        if any(o.startswith("api_key=") and not REFERENCE.fullmatch(o.removeprefix("api_key=")) for o in spec.overrides):
+        if any(o.split("=", 1)[0].strip() == "api_key" for o in spec.overrides):
             raise PipelineError(f"stage {spec.name!r}: a pipeline file must not hold an api_key; set {API_KEY_ENV} in the "
-                                f"environment of `granite-ray pipeline` (or api_key=${{name}} with variables.name on its command line)")
+                                f"environment of `granite-ray pipeline`")
         defaults = [f"stage={spec.stage}", f"output_uri={storage.join(pipeline.output_uri, spec.name)}",
                     f"storage_path={storage.join(pipeline.output_uri, '_runs')}", f"run_name={spec.name}"]
         overrides = defaults + [REFERENCE.sub(substitute, o) for o in spec.overrides]

@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 SLOW_FIXTURES = {"ray_local", "s3", "bucket", "smollm2", "head"}
 # Markers that say what a test starts, to pick a part of the suite (`pytest -m "s3 and not vllm"`).
 MARKED_BY_FIXTURE = {"ray": {"ray_local", "head"}, "s3": {"s3", "bucket"}, "job": {"head"}}
-SLOW_MARKERS = ("job", "vllm")  # set by hand: a Ray job or CLI process of its own; a vLLM engine
+SLOW_MARKERS = ("slow", "job", "vllm")  # set by hand: minutes of work; a Ray job or CLI process of its own; a vLLM engine
 
 
 def pytest_collection_modifyitems(items):

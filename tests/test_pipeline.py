@@ -118,25 +118,24 @@ def test_a_serve_stage_key_goes_to_the_job_environment_never_into_its_config_fil
     assert config.api_key.get_secret_value() == "s3cret-key-123"
     assert "s3cret-key-123" not in dump_config(config) and "s3cret-key-123" not in repr(config)
     assert ServeConfig.model_validate(__import__("yaml").safe_load(dump_config(config))).api_key is None  # the job reads the env
-    # A pipeline file holding the key itself is refused: files get committed.
-    literal = {"output_uri": str(tmp_path / "out"), "stages": [
-        {"name": "api", "stage": "serve", "overrides": ["embedder=/models/minilm", "api_key=s3cret-key-123"]}]}
-    with pytest.raises(PipelineError, match=f"stage 'api': a pipeline file must not hold an api_key; set {API_KEY_ENV}"):
-        resolve_stages(PipelineConfig.model_validate(literal))
-    # The key comes from a variable given on the command line, or from the environment.
-    pipeline = PipelineConfig.model_validate({"output_uri": str(tmp_path / "out"), "variables": {"key": "s3cret-key-123"},
-                                              "stages": [
-        {"name": "api", "stage": "serve", "overrides": ["embedder=/models/minilm", "api_key=${key}"]},
-        {"name": "open", "stage": "serve", "overrides": ["embedder=/models/minilm"]}]})
+    # A pipeline file holding the key itself is refused: files get committed. The key comes from the environment.
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    for written in ("api_key=s3cret-key-123", " api_key =s3cret-key-123", "api_key=${key}"):
+        literal = {"output_uri": str(tmp_path / "out"), "variables": {"key": "s3cret-key-123"}, "stages": [
+            {"name": "api", "stage": "serve", "overrides": ["embedder=/models/minilm", written]}]}
+        with pytest.raises(PipelineError, match=f"stage 'api': a pipeline file must not hold an api_key; set {API_KEY_ENV}"):
+            resolve_stages(PipelineConfig.model_validate(literal))
+    pipeline = PipelineConfig.model_validate({"output_uri": str(tmp_path / "out"), "stages": [
+        {"name": "api", "stage": "serve", "overrides": ["embedder=/models/minilm"]},
+        {"name": "ranker", "stage": "train-reranker", "overrides": ["model.init_from=/models/minilm", "data.datasets=[/rows]", "data.negatives=3"]}]})
+    monkeypatch.setenv(API_KEY_ENV, "s3cret-key-123")
     keyed, plain = resolve_stages(pipeline)
-    assert "s3cret-key-123" not in keyed.config_yaml
+    assert keyed.api_key == "s3cret-key-123" and plain.api_key is None  # only a serve stage gets it
+    assert "s3cret-key-123" not in keyed.config_yaml + repr(keyed)
     env, secrets = with_api_key(keyed, {"TOKENIZERS_PARALLELISM": "false"}, ["other-secret"])
     assert env[API_KEY_ENV] == "s3cret-key-123" and env["TOKENIZERS_PARALLELISM"] == "false"
     assert "s3cret-key-123" in secrets and "other-secret" in secrets  # masked in the streamed job logs
     assert with_api_key(plain, {}, []) == ({}, [])
-    monkeypatch.setenv(API_KEY_ENV, "env-key-456")
-    from_env = resolve_stages(pipeline)[1]
-    assert from_env.api_key == "env-key-456" and "env-key-456" not in from_env.config_yaml + repr(from_env)
 
 
 def test_ctrl_c_stops_the_running_job_marks_the_stage_and_ends_in_one_line(head, tmp_path, minilm_path):

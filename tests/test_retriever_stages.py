@@ -175,7 +175,7 @@ def test_conversation_queries_put_the_latest_turn_first_and_truncate_the_oldest(
 
 
 def test_teacher_margin_leaves_out_negatives_the_teacher_scores_with_the_positive():
-    from granite_ray.data.conversations import RowError
+    from granite_ray.data.rows import RowError
     from granite_ray.data.pairs import parse_pair, teacher_ordered
 
     row = {"query": "q", "pos": ["p"], "neg": ["a", "b", "c", "d"], "pos_scores": [0.8], "neg_scores": [0.9, 0.5, 0.76, 0.7]}
@@ -360,7 +360,8 @@ def test_bad_stage_configs_name_the_field(tiny_artifact):
 
 def test_conversational_adaptation_from_s3_artifact_to_s3_artifact(ray_local, s3, bucket, tmp_path, minilm_path):
     """Real mtrag conversations as queries, teacher scores from MiniLM itself, through the command that
-    `jobs/adapt_conversations.py` runs (the job path itself: tests/test_pipeline.py, tests/test_adapt.py)."""
+    `jobs/adapt_conversations.py` runs (every jobs/ file runs that one CLI; tests/test_pipeline.py submits
+    such jobs)."""
     from sentence_transformers import SentenceTransformer
 
     from granite_ray import storage

@@ -10,7 +10,6 @@ truncation at the end drops the oldest turns (Granite R2, conversational adaptat
 
 from __future__ import annotations
 
-
 import numpy as np
 import ray
 from tokenizers import Tokenizer

@@ -35,7 +35,7 @@ def parse_lines(batch: dict[str, np.ndarray], parse: Callable[[Any, str], T], co
         where = f"{source}:{number}"
         detail = None
         try:
-            rows.append(parse(json.loads(line), where))
+            rows.append(parse(json.loads(line.decode("utf-8") if isinstance(line, bytes) else line), where))
             continue
         except UnicodeDecodeError:
             reason = "invalid_utf8"
