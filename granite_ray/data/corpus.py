@@ -18,7 +18,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from granite_ray import storage
 from granite_ray.config import DataConfig
-from granite_ray.data.rows import RowError, parse_lines
+from granite_ray.data.rows import RowError, parse_lines, text_columns
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -139,7 +139,7 @@ def normalize_lines(batch: dict[str, np.ndarray], text_fields: list[str], id_fie
         return result
 
     rows = parse_lines(batch, normalized, counter)
-    return {"id": np.array([i for i, _ in rows], dtype=object), "text": np.array([t for _, t in rows], dtype=object)}
+    return text_columns(rows, ("id", "text"))
 
 
 def head_records(uri: str, count: int) -> list[dict]:

@@ -7,7 +7,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from granite_ray.data.corpus import object_column
-from granite_ray.data.rows import RowError, parse_lines
+from granite_ray.data.rows import RowError, parse_lines, text_columns
 
 
 class TokenizeExamples:
@@ -49,4 +49,4 @@ def _summary_row(record, where: str) -> tuple[str, str]:
 def summary_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """summarize-tables parquet rows -> the linearized table and its summary; a malformed row fails the job."""
     rows = parse_lines(batch, _summary_row)
-    return {"enc_text": np.array([e for e, _ in rows], dtype=object), "dec_text": np.array([d for _, d in rows], dtype=object)}
+    return text_columns(rows, ("enc_text", "dec_text"))

@@ -23,6 +23,11 @@ class RowError(ValueError):
         self.detail = detail
 
 
+def text_columns(rows: list[tuple[str, ...]], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Parsed rows of strings -> one object column per name (empty columns for an empty batch)."""
+    return {name: np.array([row[i] for row in rows], dtype=object) for i, name in enumerate(names)}
+
+
 def parse_lines(batch: dict[str, np.ndarray], parse: Callable[[Any, str], T], counter=None) -> list[T]:
     """Each raw line through `parse(record, where)`, `where` being its file:line. A row that is not
     UTF-8, not JSON, or that `parse` refuses with a RowError is dropped and counted by reason when a

@@ -16,7 +16,7 @@ import ray
 from granite_ray import storage
 from granite_ray.errors import UserError
 from granite_ray.data.conversations import format_conversation
-from granite_ray.data.rows import RowError, parse_lines
+from granite_ray.data.rows import RowError, parse_lines, text_columns
 from granite_ray.data.corpus import iter_record_lines, read_record_lines
 
 
@@ -128,7 +128,7 @@ def _documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = parse_lines(batch, _document)
     except RowError as err:
         raise DatasetError(str(err)) from None
-    return {"id": np.array([i for i, _ in rows], dtype=object), "text": np.array([t for _, t in rows], dtype=object)}
+    return text_columns(rows, ("id", "text"))
 
 
 def iter_documents(dataset: BeirDataset) -> Iterator[dict[str, np.ndarray]]:
