@@ -39,14 +39,17 @@ class SeaweedS3:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
         ports = {name: free_port() for name in ("master", "volume", "filer", "admin", "webdav")}
-        args = [
+        self.args = [
             weed_binary(), "mini", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={self.s3_port}", f"-s3.config={config}", "-admin.ui=false",
             *[f"-{name}.port={port}" for name, port in ports.items()],
         ]
         (self.dir / "data").mkdir()
         self.log = open(self.dir / "weed.log", "wb")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "SeaweedS3":
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         client = self.client()
         while time.time() < deadline:
@@ -59,6 +62,16 @@ class SeaweedS3:
                 time.sleep(0.3)
         self.stop()
         raise RuntimeError("weed mini did not answer S3 requests in time")
+
+    def outage(self, seconds: float) -> float:
+        """Stop the server (its data kept), wait, start it again on the same ports; returns how long no
+        S3 request could be answered."""
+        down = time.time()
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+        time.sleep(max(0.0, seconds - (time.time() - down)))
+        self._launch(60.0)
+        return time.time() - down
 
     def env(self) -> dict[str, str]:
         return {
