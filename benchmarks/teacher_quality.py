@@ -7,7 +7,7 @@ drive a distillation run.
 Queries: a BEIR folder's judged queries split by `granite-ray split-queries` (seed 0: 50% train,
 40% test); the train queries' hard negatives mined by all-MiniLM-L6-v2 (margin 0.95).
 
-    python benchmarks/teacher_quality.py [--dataset ../shared/data/humaneval] [--steps 30] [--batch 16]
+    python benchmarks/teacher_quality.py [--dataset ../shared/data/humaneval] [--steps 30] [--batch 16] [--rows per-query]
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--rows", choices=["per-query", "per-positive"], default="per-query",
+                        help="mined rows: one per train query, or one per judged positive (cranfield: ~8 per query)")
     parser.add_argument("--work", type=Path, default=None, help="keep the intermediate outputs here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,7 +93,7 @@ def main() -> None:
         dataset, cpus = args.dataset.resolve(), os.cpu_count() - 0.5
         granite("split-queries", f"dataset={dataset}", "seed=0", f"output_uri={work / 'split'}")
         granite("mine-negatives", f"dataset={work / 'split'}", "split=train", f"model={minilm()}", "negatives=3",
-                "encoder.max_length=256", "encode_actors=1", f"cpus_per_actor={cpus}", f"output_uri={work / 'mined'}")
+                f"rows={args.rows}", "encoder.max_length=256", "encode_actors=1", f"cpus_per_actor={cpus}", f"output_uri={work / 'mined'}")
         rows = work / "mined" / "mined.jsonl"
         baseline = untrained_embedder(llm, work / "untrained", TEMPLATE.removesuffix("{query}").format(task=task))
         started = time.perf_counter()
@@ -122,7 +124,7 @@ def main() -> None:
     write_result("teacher_quality", "test NDCG@10 of a SmolLM2-135M teacher trained by train-teacher (held-out queries)",
                  "NDCG@10", scores["trained"], scores["untrained"],
                  "the same SmolLM2-135M untrained (EOS last-token pooling, same instruction)",
-                 dataset=args.dataset.name, test_queries=test["queries"], train_rows=stats["rows"], steps=args.steps,
+                 dataset=args.dataset.name, test_queries=test["queries"], train_rows=stats["rows"], rows=args.rows, steps=args.steps,
                  batch=args.batch, lr=args.lr, lora_rank=16, train_seconds=train_seconds,
                  difference=test["mean_difference"], ci_low=test["ci_low"], ci_high=test["ci_high"], p_value=test["p_value"],
                  minilm_ndcg_at_10=scores["minilm"], vllm_vs_sentence_transformers_max_abs=vllm_vs_st,
