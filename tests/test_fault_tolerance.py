@@ -78,18 +78,17 @@ def test_s3_outage_of_30s_during_a_checkpoint_is_retried_and_every_row_trained_o
     assert not errors, errors
     assert down_for is not None and down_for >= 30, "the run ended before the outage"
     # Nothing went past the checkpoint while S3 was down: the step after it was logged once the server was back.
-    after = [int(step) for _, step in STEP_LINE.findall(out)]
-    assert checkpoint + 1 in after and first_seen.get(checkpoint + 1, 0) >= back_at - 1, (first_seen, back_at)
+    assert first_seen.get(checkpoint + 1, 0) >= back_at - 1, (first_seen, back_at)
     _assert_every_row_trained_once(ray_local, config, bucket, "outage-test")
     assert storage.is_complete(f"s3://{bucket}/artifact")
 
 
-def _audited_config(bucket: str, tokenizer_dir, steps: int, run_name: str, checkpoint_every: int = 5, workers: int = 2):
+def _audited_config(bucket: str, tokenizer_dir, steps: int, run_name: str, checkpoint_every: int = 5):
     """Tiny MLM on two workers, stride sharding (exact resume), every trained row's id logged."""
     return load_config(PretrainMLMConfig, REPO / "configs" / "pretrain_mlm_tiny.yaml", [
         f"data.paths=[{SAMPLE}/cranfield.jsonl]", f"tokenizer.path={tokenizer_dir}", "data.max_seq_len=64",
         f"train.batch_size={ROWS_PER_STEP}", f"train.max_steps={steps}", "train.log_every=1",
-        f"train.checkpoint_every={checkpoint_every}", f"train.num_workers={workers}", "train.cpus_per_worker=0.5",
+        f"train.checkpoint_every={checkpoint_every}", "train.num_workers=2", "train.cpus_per_worker=0.5",
         "train.data_sharding=stride", "train.record_samples=true", "train.max_failures=2",
         f"storage_path=s3://{bucket}/runs", f"output_uri=s3://{bucket}/artifact", f"run_name={run_name}",
     ])
