@@ -95,7 +95,8 @@ def main() -> None:
         dataset, cpus = args.dataset.resolve(), os.cpu_count() - 0.5
         granite("split-queries", f"dataset={dataset}", "seed=0", f"output_uri={work / 'split'}")
         granite("mine-negatives", f"dataset={work / 'split'}", "split=train", f"model={minilm()}", "negatives=3",
-                f"rows={args.rows}", "encoder.max_length=256", "encode_actors=1", f"cpus_per_actor={cpus}", f"output_uri={work / 'mined'}")
+                f"rows={args.rows}", "encoder.max_length=256", "encode_actors=1", f"cpus_per_actor={cpus}",
+                f"output_uri={work / 'mined'}")
         rows = work / "mined" / "mined.jsonl"
         baseline = untrained_embedder(llm, work / "untrained", TEMPLATE.removesuffix("{query}").format(task=task))
         started = time.perf_counter()
@@ -104,7 +105,8 @@ def main() -> None:
                 f"train.max_steps={args.steps}", "train.optimizer=adamw", f"train.lr={args.lr}", "train.schedule=constant",
                 "train.warmup_fraction=0.1", "train.shuffle_buffer_rows=1024", "train.log_every=5",
                 "train.checkpoint_every=100000", f"train.cpus_per_worker={cpus}", f"storage_path={work / 'runs'}",
-                f"gradient_checkpointing={str(args.gradient_checkpointing).lower()}", f"run_name=teacher-{int(time.time())}", f"output_uri={work / 'teacher'}")
+                f"gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+                f"run_name=teacher-{int(time.time())}", f"output_uri={work / 'teacher'}")
         train_seconds = time.perf_counter() - started
         granite("eval", f"models=[untrained={baseline}, trained={work / 'teacher'}, minilm={minilm()}]",
                 f"datasets=[{work / 'split'}]", "split=test", "encoder.max_length=256", "encode_actors=1",
@@ -126,7 +128,8 @@ def main() -> None:
     write_result("teacher_quality", "test NDCG@10 of a SmolLM2-135M teacher trained by train-teacher (held-out queries)",
                  "NDCG@10", scores["trained"], scores["untrained"],
                  "the same SmolLM2-135M untrained (EOS last-token pooling, same instruction)",
-                 dataset=args.dataset.name, test_queries=test["queries"], train_rows=stats["rows"], rows=args.rows, gradient_checkpointing=args.gradient_checkpointing, steps=args.steps,
+                 dataset=args.dataset.name, test_queries=test["queries"], train_rows=stats["rows"], rows=args.rows,
+                 gradient_checkpointing=args.gradient_checkpointing, steps=args.steps,
                  batch=args.batch, lr=args.lr, lora_rank=16, train_seconds=train_seconds,
                  difference=test["mean_difference"], ci_low=test["ci_low"], ci_high=test["ci_high"], p_value=test["p_value"],
                  minilm_ndcg_at_10=scores["minilm"], vllm_vs_sentence_transformers_max_abs=vllm_vs_st,

@@ -61,24 +61,31 @@ def test_s3_outage_of_30s_during_a_checkpoint_is_retried_and_every_row_trained_o
     runner = threading.Thread(target=lambda: _run(run_pretrain_mlm, config, errors))
     runner.start()
 
-    out, first_seen, down_for, back_at = "", {}, None, None
+    outage: dict[str, float] = {}
+
+    def stop_s3() -> None:
+        outage["down_for"] = s3.outage(30)
+        outage["back_at"] = time.time()
+
+    # The outage runs beside the log reader, so a step logged while S3 is down is stamped then.
+    out, first_seen, stopper = "", {}, threading.Thread(target=stop_s3)
     deadline = time.time() + 600
     while runner.is_alive() and time.time() < deadline:
         out += capfd.readouterr().out
         for _, step in STEP_LINE.findall(out):
             first_seen.setdefault(int(step), time.time())
-        if down_for is None and checkpoint - 3 in first_seen:
+        if not stopper.is_alive() and not outage and checkpoint - 3 in first_seen:
             # Steps read local data and write nothing: the three steps left run in the outage's first
             # seconds (the logs arrive late, so not one step), and step 10's checkpoint meets it.
-            down_for = s3.outage(30)
-            back_at = time.time()
+            stopper.start()
         time.sleep(0.2)
     runner.join(timeout=60)
+    stopper.join(timeout=120)
     out += capfd.readouterr().out
     assert not errors, errors
-    assert down_for is not None and down_for >= 30, "the run ended before the outage"
+    assert outage.get("down_for", 0) >= 30, "the run ended before the outage"
     # Nothing went past the checkpoint while S3 was down: the step after it was logged once the server was back.
-    assert first_seen.get(checkpoint + 1, 0) >= back_at - 1, (first_seen, back_at)
+    assert first_seen.get(checkpoint + 1, 0) >= outage["back_at"] - 1, (first_seen, outage)
     _assert_every_row_trained_once(ray_local, config, bucket, "outage-test")
     assert storage.is_complete(f"s3://{bucket}/artifact")
 
