@@ -112,3 +112,17 @@ def test_qrel_naming_an_unknown_document_fails_clearly(ray_local, tmp_path, tiny
         f.write("no-such-query\t1\t1\n")
     with pytest.raises(DatasetError, match=r"test.tsv:\d+: query 'no-such-query' is not in"):
         load_beir(str(bad_line))
+
+
+def test_the_driver_encodes_long_documents_in_bounded_slices():
+    """Every text once, in order; a slice holds at most `rows` texts and, unless it is one text, at most
+    `characters` characters, so progress is reported a minute at a time on 50k-character meetings."""
+    from granite_ray.evaluate.encoding import _bounded_slices
+
+    texts = ["a" * n for n in (10, 60, 30, 200, 5, 5, 5, 5, 40)]
+    slices = list(_bounded_slices(texts, rows=3, characters=100))
+    assert [i for a, b in slices for i in range(a, b)] == list(range(len(texts)))
+    for a, b in slices:
+        assert b - a <= 3 and (b - a == 1 or sum(map(len, texts[a:b])) <= 100)
+    assert (3, 4) in slices  # the 200-character text alone
+    assert list(_bounded_slices([])) == [] and list(_bounded_slices(["x"] * 600)) == [(0, 256), (256, 512), (512, 600)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -80,6 +80,19 @@ def encode_in_driver(dataset: BeirDataset, config: EncoderPoolFields) -> bool:
     return fs.get_file_info(path).size <= config.driver_max_mb * 2**20
 
 
+def _bounded_slices(texts, rows: int = 256, characters: int = 1 << 20) -> Iterator[tuple[int, int]]:
+    """(start, end) of consecutive slices of at most `rows` texts and about `characters` characters, so a
+    corpus of long documents (meetings of 50k characters) is encoded, and its progress shown, a minute at a time."""
+    start, size = 0, 0
+    for i, text in enumerate(texts):
+        if i > start and (i - start == rows or size + len(text) > characters):
+            yield start, i
+            start, size = i, 0
+        size += len(text)
+    if start < len(texts):
+        yield start, len(texts)
+
+
 def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields) -> tuple[list[str], Any, list[str], Any]:
     """(query ids, query embeddings, doc ids, doc embeddings): the corpus streams through one encoder in
     this process or through the actor pool (`encode_in_driver`), the same EncodeRows either way.
@@ -89,9 +102,9 @@ def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFiel
         threads = int(ray.cluster_resources().get("CPU", 1))
         log(f"{dataset.name}: encoding in the driver with {threads} threads", TAG)
         encode = EncodeRows(model_uri, config.encoder.model_dump(), threads)
-        batches = (encode(_with_kind(kind)({"id": rows["id"][i:i + 256], "text": rows["text"][i:i + 256]}))
+        batches = (encode(_with_kind(kind)({"id": rows["id"][a:b], "text": rows["text"][a:b]}))
                    for kind, source in (("query", [queries]), ("doc", iter_documents(dataset)))
-                   for rows in source for i in range(0, len(rows["id"]), 256))
+                   for rows in source for a, b in _bounded_slices(rows["text"]))
     else:
         batches = _encode_with_actors(model_uri, dataset, config, queries)
     query_ids, doc_ids, query_parts, doc_parts = [], [], [], []
@@ -109,7 +122,7 @@ def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFiel
                 parts.append(batch["embedding"][rows])
         if time.perf_counter() - last_report > 30:
             last_report = time.perf_counter()
-            log(f"{dataset.name}: {len(doc_ids)} documents encoded ({len(doc_ids) / (last_report - start):.0f}/s)", TAG)
+            log(f"{dataset.name}: {len(doc_ids)} documents encoded ({len(doc_ids) / (last_report - start):.3g}/s)", TAG)
     if not doc_ids:
         raise ValueError(f"{dataset.corpus_uri}: the corpus has no documents")
     if sparse:
