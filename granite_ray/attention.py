@@ -47,9 +47,13 @@ def segment_ids_and_positions(seq_lens: Sequence[Sequence[int]], row_len: int, d
     return segments.to(device), positions.to(device)
 
 
-def block_diagonal_masks(segments: torch.Tensor, half_window: int, additive_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """{"full_attention", "sliding_attention"} masks [B, 1, L, L]: bool for sdpa, additive for eager."""
+def block_diagonal_masks(segments: torch.Tensor, half_window: int, additive_dtype: torch.dtype | None = None,
+                         allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{"full_attention", "sliding_attention"} masks [B, 1, L, L]: bool for sdpa, additive for eager;
+    `allowed` [B, L, L] narrows them further (a table's structure)."""
     same = segments[:, :, None] == segments[:, None, :]
+    if allowed is not None:
+        same = same & allowed.to(same.device)
     idx = torch.arange(segments.shape[1], device=segments.device)
     near = (idx[:, None] - idx[None, :]).abs() <= half_window
     masks = {"full_attention": same[:, None], "sliding_attention": (same & near)[:, None]}
@@ -60,10 +64,12 @@ def block_diagonal_masks(segments: torch.Tensor, half_window: int, additive_dtyp
 
 
 def packed_model_inputs(seq_lens: Sequence[Sequence[int]], row_len: int, attn_implementation: str, half_window: int,
-                        device=None, dtype: torch.dtype = torch.float32) -> dict:
-    """Keyword arguments for a ModernBERT forward over packed rows of `row_len` tokens."""
+                        device=None, dtype: torch.dtype = torch.float32, allowed: torch.Tensor | None = None) -> dict:
+    """Keyword arguments for a ModernBERT forward over packed rows of `row_len` tokens. `allowed`
+    [B, L, L] (which token may attend to which) takes the 4D masks for every implementation but
+    flash-attn's, which has none: sdpa_varlen then attends through them as plain sdpa does."""
     segments, positions = segment_ids_and_positions(seq_lens, row_len, device)
-    if attn_implementation in VARLEN_IMPLEMENTATIONS:
+    if attn_implementation in VARLEN_IMPLEMENTATIONS and allowed is None:
         lens = torch.tensor([n for row in full_segment_lengths(seq_lens, row_len) for n in row], dtype=torch.int32)
         cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)).to(device)
         longest = int(lens.max())
@@ -72,8 +78,19 @@ def packed_model_inputs(seq_lens: Sequence[Sequence[int]], row_len: int, attn_im
             "position_ids": positions,
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
         }
+    if attn_implementation == "flash_attention_2":
+        raise ValueError("flash_attention_2 takes no attention mask: attend with sdpa_varlen to narrow attention")
     additive = dtype if attn_implementation == "eager" else None
-    return {"attention_mask": block_diagonal_masks(segments, half_window, additive), "position_ids": positions}
+    return {"attention_mask": block_diagonal_masks(segments, half_window, additive, allowed), "position_ids": positions}
+
+
+def table_attention(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The M1 mask (Mouravieff et al. 2025, arXiv:2503.01457) [B, L, L] from each token's table row and
+    column [B, L]: a token attends to the tokens of its row and of its column (its header included),
+    and tokens of row -1 ([CLS], [SEP], padding, text) attend to all and are attended by all."""
+    free = rows < 0
+    return (free[:, :, None] | free[:, None, :] | (rows[:, :, None] == rows[:, None, :])
+            | (cols[:, :, None] == cols[:, None, :]))
 
 
 def _band(length: int, sliding_window: int | None, dtype: torch.dtype, device) -> torch.Tensor | None:

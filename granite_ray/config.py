@@ -595,6 +595,9 @@ class TableSourcesConfig(Section):
     summaries: list[str] = Field(default_factory=list, description="summarize-tables outputs (parquet): decoder reconstructs the summary")
     tables: TablesConfig | None = Field(None, description="tables alone: decoder reconstructs the table")
     weights: dict[str, float] | None = Field(None, description="{summaries, tables, text}; None: 0.5/0.3/0.2")
+    attention: Literal["m1", "full"] = Field("m1", description=(
+        "m1: a table token attends to its own row and column (its header included) and to [CLS] and the [SEP]s, "
+        "which attend to all (Mouravieff et al. 2025, R2 section 3.2); full: every token to every token"))
 
     _absolute = field_validator("summaries")(lambda uris: [absolute_uri(u) for u in uris])
 
@@ -624,6 +627,9 @@ class RetroMAEConfig(StageConfig):
                 raise ValueError("tables: tabular-retromae needs tables.summaries and/or tables.tables")
             if self.train.data_sharding == "stride":
                 raise ValueError("train.data_sharding: stride reads one ordered dataset; a mixture of sources needs split")
+            if self.tables.attention == "m1" and self.model.attn_implementation == "flash_attention_2":
+                raise ValueError("model.attn_implementation: flash-attn takes no table mask; use sdpa_varlen (or auto) "
+                                 "with tables.attention=m1")
         elif not self.data.paths:
             raise ValueError("data.paths: retromae needs a text corpus")
         if self.data.max_seq_len > self.model.max_position_embeddings:

@@ -2,7 +2,8 @@
 
 Sources stream through Ray Data into examples {enc, dec} of framed token ids: a text document
 becomes one example per `data.max_seq_len` window (dec empty: rebuild the window itself); a
-table its linearization, with the decoder target its summary when one exists. Tabular RetroMAE
+table its linearization with each token's row and column (for the M1 mask), with the decoder
+target its summary when one exists. Tabular RetroMAE
 mixes its sources batch by batch (tables, tables with summaries, a replay of text).
 """
 
@@ -28,7 +29,7 @@ def _examples(ds: ray.data.Dataset, tokenizer, config: RetroMAEConfig, windows: 
     return ds.map_batches(TokenizeExamples, batch_size=256, num_cpus=0.25,
                           compute=ray.data.ActorPoolStrategy(size=config.data.tokenize_actors),
                           fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer),
-                                               config.data.max_seq_len, windows))
+                                               config.data.max_seq_len, windows, tokenizer.sep_token_id))
 
 
 # The tabular mix when tables.weights is not given (renormalized over the sources present). A fixed
@@ -48,7 +49,7 @@ def retromae_sources(config: RetroMAEConfig, tokenizer, counter) -> dict[str, ra
         sources["summaries"] = _examples(lines.map_batches(summary_rows, batch_size=None, num_cpus=0.25),
                                          tokenizer, config, windows=False)
     if config.stage == "tabular-retromae" and tables.tables:
-        raw = read_tables(tables.tables, counter).map_batches(lambda b: {"enc_text": b["linearized"]}, batch_size=None, num_cpus=0.25)
+        raw = read_tables(tables.tables, counter).map_batches(lambda b: {"table": b["table"]}, batch_size=None, num_cpus=0.25)
         sources["tables"] = _examples(raw, tokenizer, config, windows=False)
     return sources
 

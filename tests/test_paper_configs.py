@@ -31,7 +31,9 @@ PAPER: dict[str, dict] = {
                                global_rope_theta=160_000),
     # R2 Table 15 (batch sizes are global), granite-embedding-english-r2.
     "retromae_base.yaml": dict(lr=2e-5, global_batch=8, steps=55864, seq_len=8192, preset="base"),
-    "tabular_retromae_base.yaml": dict(lr=2e-6, global_batch=1024, steps=8848, seq_len=2048, preset="base"),
+    "tabular_retromae_base.yaml": dict(lr=2e-6, global_batch=1024, steps=8848, seq_len=2048, preset="base",
+                                       table_attention="m1", mlm_probability=0.2, decoder_mask_probability=0.6,
+                                       decoder_targets="masked"),
     "contrastive_base.yaml": dict(lr=2e-4, global_batch=9600, steps=58000, seq_len=512, negatives=0),
     "contrastive_hn_base.yaml": dict(lr=4e-6, global_batch=450, steps=600, seq_len=1024, negatives=1),
     "distill_base.yaml": dict(lr=1e-5, global_batch=256, steps=7000, seq_len=512, negatives=3),
@@ -109,6 +111,11 @@ def test_shipped_config_matches_the_paper(name):
     for field in ("weight_decay", "warmup_fraction", "clip_grad_norm"):
         if field in paper:
             assert getattr(t, field) == pytest.approx(paper[field])
+    if "table_attention" in paper:  # R2 section 3.2: M1 over the table, 20% / 60% masks, masked summary positions
+        assert config.tables.attention == paper["table_attention"]
+        assert config.data.mlm_probability == paper["mlm_probability"]
+        assert config.decoder_mask_probability == paper["decoder_mask_probability"]
+        assert config.decoder_targets == paper["decoder_targets"]
 
 
 @pytest.mark.parametrize("name", [*sorted(n for n, p in PAPER.items() if p is STAGE_1), "pretrain_mlm_tiny.yaml"])

@@ -297,7 +297,7 @@ def test_tabular_retromae_mixes_tables_summaries_and_text(ray_local, tmp_path, t
     summaries.mkdir()
     # Stand-ins for LLM summaries: the tables' real titles and first rows, in words.
     pq.write_table(pa.table({
-        "linearized": [parse_table(r["text"], "markdown").linearize() for r in rows],
+        "table": [parse_table(r["text"], "markdown").markdown() for r in rows],
         "summary": [f"{r['title']}: " + ", ".join(parse_table(r["text"], "markdown").rows[0]) for r in rows]}),
         summaries / "part-0.parquet")
     out = tmp_path / "tabular"
@@ -344,6 +344,85 @@ def test_tabular_retromae_rebuilds_only_the_masked_summary_positions(tokenizer, 
     assert not (visible & rebuilt[:, None, :]).any()  # no row sees a masked summary token
     seen = visible.any(dim=1)
     assert torch.equal(seen[:, 1:] & content[:, 1:], (content & ~rebuilt)[:, 1:])  # every other summary token is seen
+
+
+def test_table_tokens_are_the_linearized_texts_own_with_each_tokens_row_and_column(tokenizer, minilm_path):
+    """The ids are those of the linearized headers, the separator and the linearized cells, each text
+    tokenized whole (a BPE and a WordPiece vocabulary), and each token carries the row and column of the
+    header or cell it came from; the separator is global."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from granite_ray.data.examples import GLOBAL, table_tokens
+    from granite_ray.data.tables import parse_table
+
+    tables = [parse_table(json.loads(line)["text"], "markdown") for line in (DATA / "fetaqa_dev" / "corpus.jsonl").read_text().splitlines()[:20]]
+    for hf in (tokenizer, AutoTokenizer.from_pretrained(minilm_path)):
+        fast = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        fast.no_padding(), fast.no_truncation()
+        for table in tables:
+            ids, rows, cols = table_tokens(fast, table, hf.sep_token_id)
+            cells = " ".join(cell for row in table.rows for cell in row if cell)
+            whole = [hf(text, add_special_tokens=False)["input_ids"] for text in (" ".join(h for h in table.headers if h), f" {cells}")]
+            assert ids == whole[0] + [hf.sep_token_id] + whole[1]
+            assert len(rows) == len(cols) == len(ids)
+            assert [i for i, r in enumerate(rows) if r == GLOBAL] == [ids.index(hf.sep_token_id)]
+            for r, c in {(r, c) for r, c in zip(rows, cols) if r != GLOBAL}:
+                cell = table.headers[c] if r == 0 else table.rows[r - 1][c]
+                own = [t for t, rr, cc in zip(ids, rows, cols) if (rr, cc) == (r, c)]
+                assert own == hf(cell if (r, c) == (rows[0], cols[0]) else f" {cell}", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("attention", ["m1", "full"])
+def test_a_table_token_attends_to_its_row_its_column_and_the_frame_alone(tokenizer, tmp_path, attention):
+    """Through one encoder layer (global attention) under the M1 mask, a cell's hidden state is blind to a
+    cell in another row and column, and sees its row, its column's header and [CLS]; with full attention
+    it sees everything. Tables of different lengths in one batch: each its own padded row, CLS first."""
+    from granite_ray.config import ModelConfig, PretrainMLMConfig
+    from granite_ray.data.examples import TokenizeExamples
+    from granite_ray.encoder import special_frame
+    from granite_ray.model import build_mlm_model, save_artifact
+    from granite_ray.objectives.retromae import RetroMAEObjective
+
+    torch.manual_seed(0)
+    save_artifact(build_mlm_model(ModelConfig(num_hidden_layers=1), tokenizer), tokenizer, PretrainMLMConfig(), str(tmp_path), 256)
+    config = RetroMAEConfig.model_validate({"stage": "tabular-retromae", "model": {"init_from": str(tmp_path)},
+                                            "tables": {"summaries": ["/s"], "attention": attention}, "data": {"mlm_probability": 1e-9}})
+    objective = RetroMAEObjective(config, tokenizer)
+    encoder = objective.build_model().encoder.eval()
+    assert encoder.config._attn_implementation == "sdpa_varlen"
+    tokenize = TokenizeExamples(tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), 256, False, tokenizer.sep_token_id)
+    tables = ["| Speed | Angle |\n|---|---|\n| supersonic flow | wing |\n| boundary layer | shock |",
+              "| Year | Title |\n|---|---|\n| 1994 | heat transfer |"]
+    batch = tokenize({"table": np.array(tables, dtype=object), "dec_text": np.array(["a summary", "another"], dtype=object)})
+
+    def hidden(enc: list) -> torch.Tensor:
+        """The first table's hidden states (it starts every layout)."""
+        inputs = objective.batch_inputs({**batch, "enc": np.array(enc, dtype=object)}, torch.device("cpu"))
+        assert torch.equal(inputs["input_ids"][0, :len(enc[0])], torch.from_numpy(enc[0].astype(np.int64)))
+        with torch.no_grad():
+            out = encoder.base_model(input_ids=inputs["input_ids"], **inputs["packed"]).last_hidden_state
+        # m1: one padded row per table; full: the tables packed in one row
+        assert inputs["cls_positions"].tolist() == [0, out.shape[1] if attention == "m1" else len(enc[0])]
+        return out.reshape(-1, out.shape[-1])[:len(enc[0])]
+
+    rows, cols = batch["enc_rows"][0], batch["enc_cols"][0]
+    at = {(r, c): int(np.flatnonzero((rows == r) & (cols == c))[0]) for r, c in zip(rows, cols) if r >= 0}
+    base = hidden(list(batch["enc"]))
+    word = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" pressure"))[0]
+
+    def changed(cell: tuple[int, int], watched: tuple[int, int]) -> bool:
+        enc = [e.copy() for e in batch["enc"]]
+        enc[0][at[cell]] = word
+        return not torch.allclose(hidden(enc)[at[watched]], base[at[watched]], atol=1e-6)
+
+    assert changed((1, 1), (1, 0)) and changed((0, 0), (2, 0)) and changed((1, 1), (2, 1))  # row, header, column
+    assert changed((2, 1), (1, 0)) == (attention == "full")  # another row and column
+    assert changed((1, 0), (0, 1)) == (attention == "full")  # another column's cell, from a header
+    first = hidden(list(batch["enc"]))[0]
+    enc = [e.copy() for e in batch["enc"]]
+    enc[0][at[(2, 1)]] = word
+    assert not torch.allclose(hidden(enc)[0], first)  # [CLS] reads every cell
 
 
 def test_bad_stage_configs_name_the_field(tiny_artifact):

@@ -8,7 +8,7 @@ query stream is CLS + position, the content stream is [CLS; target token embeddi
 and each query row attends to its own random sample of content positions (each hidden with
 `decoder_mask_probability`), never its own, always the CLS one. Tabular RetroMAE (R2 section 3.2)
 instead hides one sample of the summary's positions from every row and rebuilds only those
-(`decoder_targets: masked`).
+(`decoder_targets: masked`), and its encoder reads a table through the M1 mask (`tables.attention`).
 The encoder's MLM head scores both. Only the encoder is saved in the artifact.
 """
 
@@ -19,12 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from granite_ray.attention import packed_model_inputs
+from granite_ray.attention import packed_model_inputs, table_attention
 from granite_ray.config import RetroMAEConfig
+from granite_ray.data.examples import GLOBAL
 from granite_ray.data.masking import IGNORE_INDEX, mask_tokens, replacement_ids
 from granite_ray.encoder import mlm_logits
 from granite_ray.model import ModernBertForFusedMLM, build_mlm_model, save_artifact
 from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
+
+
+def padded_rows(rows: list, fill: int) -> torch.Tensor:
+    """Integer sequences as one [n, longest] tensor, `fill` after each."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+    return out
 
 
 def mlm_loss(mlm_model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,7 +102,11 @@ class RetroMAEObjective:
         self.parts = {"encoder_loss": 0.0, "decoder_loss": 0.0, "count": 0}
 
     def build_model(self) -> nn.Module:
-        encoder = build_mlm_model(self.config.model, self.tokenizer, fused_loss=True)
+        model_config = self.config.model
+        if self.config.tables and self.config.tables.attention == "m1" and model_config.attn_implementation == "auto":
+            # flash-attn takes no mask: sdpa_varlen attends tables through theirs, and text varlen as before
+            model_config = model_config.model_copy(update={"attn_implementation": "sdpa_varlen"})
+        encoder = build_mlm_model(model_config, self.tokenizer, fused_loss=True)
         self.attn_implementation = encoder.config._attn_implementation
         self.half_window = getattr(encoder.config, "sliding_window", None) or 0
         self.layer_types = getattr(encoder.config, "layer_types", None)
@@ -105,20 +118,32 @@ class RetroMAEObjective:
             return dense_flops_per_token(model)
         return encoder_flops_per_token(cfg, self.config.data.max_seq_len, self.config.data.mlm_probability)
 
+    def _encoder_inputs(self, batch: dict[str, np.ndarray], encoded: list[np.ndarray], device: torch.device):
+        """(ids, forward keyword arguments, each example's CLS position): text packed in one row; tables,
+        when the M1 mask applies, one padded row each, attending through their structure."""
+        lens = [len(e) for e in encoded]
+        if "enc_rows" not in batch or self.config.tables is None or self.config.tables.attention != "m1":
+            ids = torch.from_numpy(np.concatenate(encoded))[None]
+            packed = packed_model_inputs([lens], ids.shape[1], self.attn_implementation, self.half_window, device)
+            if not self.layer_types:
+                packed.pop("attention_mask")
+            return ids, packed, np.cumsum([0] + lens[:-1])
+        ids = padded_rows(encoded, self.tokenizer.pad_token_id)
+        allowed = table_attention(padded_rows(batch["enc_rows"], GLOBAL), padded_rows(batch["enc_cols"], GLOBAL))
+        packed = packed_model_inputs([[n] for n in lens], ids.shape[1], self.attn_implementation, self.half_window, device,
+                                     allowed=allowed.to(device))
+        if not self.layer_types:  # one mask for every layer of an encoder without sliding-window layers
+            packed["attention_mask"] = packed["attention_mask"]["full_attention"]
+        return ids, packed, np.arange(len(lens)) * ids.shape[1]
+
     def batch_inputs(self, batch: dict[str, np.ndarray], device: torch.device) -> dict:
         encoded = [np.asarray(e, dtype=np.int64) for e in batch["enc"]]
         targets = [np.asarray(d, dtype=np.int64) if len(d) else e for e, d in zip(encoded, batch["dec"])]
-        lens = [len(e) for e in encoded]
-        ids = torch.from_numpy(np.concatenate(encoded))[None]
+        ids, packed, starts = self._encoder_inputs(batch, encoded, device)
         inputs, labels = mask_tokens(ids, ~torch.isin(ids, self.special_ids), self.config.data.mlm_probability,
                                      self.tokenizer.mask_token_id, self.replacements)
-        packed = packed_model_inputs([lens], ids.shape[1], self.attn_implementation, self.half_window, device)
-        if not self.layer_types:
-            packed.pop("attention_mask")
-        longest = max(len(t) for t in targets)
-        padded = torch.full((len(targets), longest), self.tokenizer.pad_token_id, dtype=torch.long)
-        for i, t in enumerate(targets):
-            padded[i, :len(t)] = torch.from_numpy(t)
+        padded = padded_rows(targets, self.tokenizer.pad_token_id)
+        longest = padded.shape[1]
         real = padded != self.tokenizer.pad_token_id
         real[:, 0] = True
         target_labels = padded.masked_fill(torch.isin(padded, self.special_ids), IGNORE_INDEX)
@@ -134,12 +159,11 @@ class RetroMAEObjective:
             visible = keep & real[:, None, :] & ~torch.eye(longest, dtype=torch.bool)[None]
         visible = visible.clone()
         visible[:, :, 0] = True
-        starts = np.cumsum([0] + lens[:-1])
-        tokens = sum(lens)
+        tokens = sum(len(e) for e in encoded)
         return {"input_ids": inputs.to(device), "labels": labels.to(device), "packed": packed,
                 "cls_positions": torch.as_tensor(starts, device=device), "targets": padded.to(device),
                 "target_labels": target_labels.to(device), "visible": visible.to(device),
-                "_tokens": tokens, "_slots": tokens}
+                "_tokens": tokens, "_slots": ids.numel()}
 
     def loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         out = model(**{k: v for k, v in inputs.items() if not k.startswith("_")})
