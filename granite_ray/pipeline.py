@@ -145,17 +145,30 @@ class Manifest:
 
 @dataclass
 class JobLogs:
-    """The job's log lines, streamed to stdout as they come, the last ones kept for error messages."""
+    """The job's log lines, streamed to stdout as they come, the last ones kept for error messages.
+    Lines are shown whole, secrets masked: a chunk's unfinished last line waits for the next chunk,
+    so a secret the log stream cuts in two is still masked."""
 
     name: str
     secrets: list[str]
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=60))
     serving_url: str | None = None
+    pending: str = ""
 
     def feed(self, text: str) -> None:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        for line in text.splitlines():
+        *lines, self.pending = (self.pending + text).split("\n")
+        self._show(lines)
+
+    def flush(self) -> None:
+        """The last line, when the stream ended without a newline."""
+        lines, self.pending = [self.pending] if self.pending else [], ""
+        self._show(lines)
+
+    def _show(self, lines: list[str]) -> None:
+        for line in lines:
+            for secret in self.secrets:
+                line = line.replace(secret, "***")
+            line = line.rstrip("\r")
             self.tail.append(line)
             if match := SERVING.search(line):
                 self.serving_url = match.group(1)
@@ -167,6 +180,7 @@ class JobLogs:
         async def tail() -> None:
             async for chunk in client.tail_job_logs(job_id):
                 self.feed(chunk)
+            self.flush()
 
         thread = threading.Thread(target=lambda: asyncio.run(tail()), daemon=True, name=f"logs-{self.name}")
         thread.start()

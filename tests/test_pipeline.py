@@ -169,3 +169,18 @@ def test_ctrl_c_stops_the_running_job_marks_the_stage_and_ends_in_one_line(head,
     while str(client.get_job_status(stage["job_id"])) != "STOPPED" and time.time() < deadline:
         time.sleep(1)
     assert str(client.get_job_status(stage["job_id"])) == "STOPPED"
+
+
+def test_job_logs_mask_a_secret_the_stream_cuts_in_two(capsys):
+    """Ray streams job logs in chunks that can end mid-line, so mid-secret: lines are shown whole, masked."""
+    from granite_ray.pipeline import JobLogs
+
+    logs = JobLogs("api", ["s3cret-key-123"])
+    for chunk in ("starting\nkey is s3cr", "et-key-123 here\nserving at http://127.0.0.1:8000 (Prometheus", ")\nbye s3cret-", "key-123"):
+        logs.feed(chunk)
+    logs.flush()
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "s3cr" not in out.replace("***", "")
+    assert out.splitlines() == ["[api] starting", "[api] key is *** here", "[api] serving at http://127.0.0.1:8000 (Prometheus)",
+                                "[api] bye ***"]
+    assert logs.serving_url == "http://127.0.0.1:8000" and list(logs.tail)[-1] == "bye ***"
