@@ -87,7 +87,8 @@ def packed_model_inputs(seq_lens: Sequence[Sequence[int]], row_len: int, attn_im
 def table_attention(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The M1 mask (Mouravieff et al. 2025, arXiv:2503.01457) [B, L, L] from each token's table row and
     column [B, L]: a token attends to the tokens of its row and of its column (its header included),
-    and tokens of row -1 ([CLS], [SEP], padding, text) attend to all and are attended by all."""
+    and tokens of row -1 ([CLS], the [SEP]s) attend to all and are attended by all. Padding is row -1
+    too; the segments of `block_diagonal_masks` keep it apart."""
     free = rows < 0
     return (free[:, :, None] | free[:, None, :] | (rows[:, :, None] == rows[:, None, :])
             | (cols[:, :, None] == cols[:, None, :]))

@@ -32,6 +32,7 @@ from granite_ray.runtime import log
 TAG = "pipeline"
 REFERENCE = re.compile(r"\$\{([a-z0-9][a-z0-9_-]*)\}")
 SERVING = re.compile(r"serving at (\S+)")
+LINE_END = re.compile(r"\r\n|\r|\n")  # as str.splitlines: progress bars redraw with a bare \r
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -156,7 +157,7 @@ class JobLogs:
     pending: str = ""
 
     def feed(self, text: str) -> None:
-        *lines, self.pending = (self.pending + text).split("\n")
+        *lines, self.pending = LINE_END.split(self.pending + text)
         self._show(lines)
 
     def flush(self) -> None:
@@ -168,7 +169,6 @@ class JobLogs:
         for line in lines:
             for secret in self.secrets:
                 line = line.replace(secret, "***")
-            line = line.rstrip("\r")
             self.tail.append(line)
             if match := SERVING.search(line):
                 self.serving_url = match.group(1)
@@ -178,9 +178,11 @@ class JobLogs:
 
     def follow(self, client, job_id: str) -> threading.Thread:
         async def tail() -> None:
-            async for chunk in client.tail_job_logs(job_id):
-                self.feed(chunk)
-            self.flush()
+            try:
+                async for chunk in client.tail_job_logs(job_id):
+                    self.feed(chunk)
+            finally:
+                self.flush()
 
         thread = threading.Thread(target=lambda: asyncio.run(tail()), daemon=True, name=f"logs-{self.name}")
         thread.start()

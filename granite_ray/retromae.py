@@ -49,7 +49,7 @@ def retromae_sources(config: RetroMAEConfig, tokenizer, counter) -> dict[str, ra
         sources["summaries"] = _examples(lines.map_batches(summary_rows, batch_size=None, num_cpus=0.25),
                                          tokenizer, config, windows=False)
     if config.stage == "tabular-retromae" and tables.tables:
-        raw = read_tables(tables.tables, counter).map_batches(lambda b: {"table": b["table"]}, batch_size=None, num_cpus=0.25)
+        raw = read_tables(tables.tables, counter).map_batches(lambda b: {"cells": b["cells"]}, batch_size=None, num_cpus=0.25)
         sources["tables"] = _examples(raw, tokenizer, config, windows=False)
     return sources
 

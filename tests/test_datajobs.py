@@ -10,7 +10,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from granite_ray.config import MineNegativesConfig, SummarizeTablesConfig, TeacherScoresConfig, load_config
-from granite_ray.data.tables import Table, TableError, parse_table
+from granite_ray.data.tables import Table, TableError, from_cells, parse_table
 
 EXPECTED = Table(["Year", "Title"], [["1996", "My Guys"], ["1997", "ER"]])
 
@@ -26,7 +26,13 @@ EXPECTED = Table(["Year", "Title"], [["1996", "My Guys"], ["1997", "ER"]])
 def test_every_table_format_normalizes_to_headers_and_rows(value):
     table = parse_table(value)
     assert table == EXPECTED
-    assert table.linearize() == "Year Title [SEP] 1996 My Guys 1997 ER"
+    assert from_cells(table.cells()) == EXPECTED
+
+
+def test_cells_keep_a_table_whole_where_markdown_cannot():
+    """A cell holding '|' or a newline, or a row of dashes, does not survive Markdown; the encoder's copy does."""
+    awkward = parse_table('"a|b",c\n"line\nbreak",---\n1,2')
+    assert from_cells(awkward.cells()) == awkward == Table(["a|b", "c"], [["line\nbreak", "---"], ["1", "2"]])
 
 
 @pytest.mark.parametrize("value, reason", [
@@ -58,7 +64,7 @@ def test_smollm2_summaries_for_real_tables_in_vllm_with_bad_rows_skipped(ray_loc
     assert sorted(r["id"] for r in rows) == sorted(t["_id"] for t in tables)
     for row in rows:
         assert len(row["summary"].split()) >= 5  # real text came out of the model
-        assert row["linearized"].count("[SEP]") == 1 and row["table"].startswith("| ")
+        assert from_cells(row["cells"]) == parse_table(row["table"]) and row["table"].startswith("| ")
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["tables_summarized"] == 3 and stats["tables_rejected"] == 2
     assert any(":4: markdown table needs a header row and at least one data row" in r for r in stats["rejected"])

@@ -297,7 +297,7 @@ def test_tabular_retromae_mixes_tables_summaries_and_text(ray_local, tmp_path, t
     summaries.mkdir()
     # Stand-ins for LLM summaries: the tables' real titles and first rows, in words.
     pq.write_table(pa.table({
-        "table": [parse_table(r["text"], "markdown").markdown() for r in rows],
+        "cells": [parse_table(r["text"], "markdown").cells() for r in rows],
         "summary": [f"{r['title']}: " + ", ".join(parse_table(r["text"], "markdown").rows[0]) for r in rows]}),
         summaries / "part-0.parquet")
     out = tmp_path / "tabular"
@@ -347,9 +347,9 @@ def test_tabular_retromae_rebuilds_only_the_masked_summary_positions(tokenizer, 
 
 
 def test_table_tokens_are_the_linearized_texts_own_with_each_tokens_row_and_column(tokenizer, minilm_path):
-    """The ids are those of the linearized headers, the separator and the linearized cells, each text
-    tokenized whole (a BPE and a WordPiece vocabulary), and each token carries the row and column of the
-    header or cell it came from; the separator is global."""
+    """The ids are those of the headers' text, the separator and the cells' text (R2's "headers [SEP]
+    cells"), each text tokenized whole (a BPE and a WordPiece vocabulary), and each token carries the row
+    and column of the header or cell it came from; the separator is global."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
@@ -373,38 +373,47 @@ def test_table_tokens_are_the_linearized_texts_own_with_each_tokens_row_and_colu
                 assert own == hf(cell if (r, c) == (rows[0], cols[0]) else f" {cell}", add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("attention", ["m1", "full"])
-def test_a_table_token_attends_to_its_row_its_column_and_the_frame_alone(tokenizer, tmp_path, attention):
+@pytest.mark.parametrize("attention, implementation", [("m1", "auto"), ("full", "auto"), ("m1", "eager")])
+def test_a_table_token_attends_to_its_row_its_column_and_the_frame_alone(tokenizer, tmp_path, attention, implementation):
     """Through one encoder layer (global attention) under the M1 mask, a cell's hidden state is blind to a
     cell in another row and column, and sees its row, its column's header and [CLS]; with full attention
     it sees everything. Tables of different lengths in one batch: each its own padded row, CLS first."""
     from granite_ray.config import ModelConfig, PretrainMLMConfig
     from granite_ray.data.examples import TokenizeExamples
+    from granite_ray.data.tables import Table
     from granite_ray.encoder import special_frame
     from granite_ray.model import build_mlm_model, save_artifact
     from granite_ray.objectives.retromae import RetroMAEObjective
 
     torch.manual_seed(0)
     save_artifact(build_mlm_model(ModelConfig(num_hidden_layers=1), tokenizer), tokenizer, PretrainMLMConfig(), str(tmp_path), 256)
-    config = RetroMAEConfig.model_validate({"stage": "tabular-retromae", "model": {"init_from": str(tmp_path)},
+    config = RetroMAEConfig.model_validate({"stage": "tabular-retromae", "model": {"init_from": str(tmp_path), "attn_implementation": implementation},
                                             "tables": {"summaries": ["/s"], "attention": attention}, "data": {"mlm_probability": 1e-9}})
     objective = RetroMAEObjective(config, tokenizer)
     encoder = objective.build_model().encoder.eval()
-    assert encoder.config._attn_implementation == "sdpa_varlen"
+    if attention == "m1":  # auto would pick flash-attn on a GPU that has it, which takes no mask
+        assert encoder.config._attn_implementation == ("sdpa_varlen" if implementation == "auto" else implementation)
     tokenize = TokenizeExamples(tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), 256, False, tokenizer.sep_token_id)
-    tables = ["| Speed | Angle |\n|---|---|\n| supersonic flow | wing |\n| boundary layer | shock |",
-              "| Year | Title |\n|---|---|\n| 1994 | heat transfer |"]
-    batch = tokenize({"table": np.array(tables, dtype=object), "dec_text": np.array(["a summary", "another"], dtype=object)})
+    tables = [Table(["Speed", "Angle"], [["supersonic flow", "wing"], ["boundary layer", "shock"]]),
+              Table(["Year", "Title"], [["1994", "heat transfer"]])]
+    batch = tokenize({"cells": np.array([t.cells() for t in tables], dtype=object),
+                      "dec_text": np.array(["a summary", "another"], dtype=object)})
 
-    def hidden(enc: list) -> torch.Tensor:
-        """The first table's hidden states (it starts every layout)."""
-        inputs = objective.batch_inputs({**batch, "enc": np.array(enc, dtype=object)}, torch.device("cpu"))
-        assert torch.equal(inputs["input_ids"][0, :len(enc[0])], torch.from_numpy(enc[0].astype(np.int64)))
+    def encoded(enc: list, which: int = 0, tables: slice = slice(None)) -> torch.Tensor:
+        """Table `which`'s hidden states, the `tables` of the batch encoded together with token ids `enc`."""
+        rows = {k: v[tables] for k, v in batch.items()}
+        inputs = objective.batch_inputs({**rows, "enc": np.array(enc, dtype=object)}, torch.device("cpu"))
         with torch.no_grad():
             out = encoder.base_model(input_ids=inputs["input_ids"], **inputs["packed"]).last_hidden_state
-        # m1: one padded row per table; full: the tables packed in one row
-        assert inputs["cls_positions"].tolist() == [0, out.shape[1] if attention == "m1" else len(enc[0])]
-        return out.reshape(-1, out.shape[-1])[:len(enc[0])]
+        start = int(inputs["cls_positions"][which])
+        if len(enc) == 2:  # m1: one padded row per table; full: the tables packed in one row
+            assert inputs["cls_positions"].tolist() == [0, out.shape[1] if attention == "m1" else len(enc[0])]
+        flat = out.reshape(-1, out.shape[-1])
+        assert torch.equal(inputs["input_ids"].reshape(-1)[start:start + len(enc[which])], torch.from_numpy(enc[which].astype(np.int64)))
+        return flat[start:start + len(enc[which])]
+
+    def hidden(enc: list) -> torch.Tensor:
+        return encoded(enc, 0)
 
     rows, cols = batch["enc_rows"][0], batch["enc_cols"][0]
     at = {(r, c): int(np.flatnonzero((rows == r) & (cols == c))[0]) for r, c in zip(rows, cols) if r >= 0}
@@ -423,6 +432,8 @@ def test_a_table_token_attends_to_its_row_its_column_and_the_frame_alone(tokeniz
     enc = [e.copy() for e in batch["enc"]]
     enc[0][at[(2, 1)]] = word
     assert not torch.allclose(hidden(enc)[0], first)  # [CLS] reads every cell
+    # The second table, padded beside the first, reads as it does alone.
+    torch.testing.assert_close(encoded(list(batch["enc"]), 1), encoded([batch["enc"][1]], 0, slice(1, 2)), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_stage_configs_name_the_field(tiny_artifact):

@@ -290,6 +290,28 @@ def test_auth_rejects_a_missing_or_wrong_key(server):
     assert httpx.get(f"{server}/docs").status_code in (401, 404)
 
 
+def test_a_request_the_models_do_not_answer_within_request_timeout_s_gets_504_naming_it(server, minilm_path):
+    """The limit on a request's time, on a second app beside the first (1 ms: no batch of 64 abstracts
+    is encoded that fast): 504 naming request_timeout_s, and the server goes on answering."""
+    from ray import serve
+
+    from granite_ray.serve.app import build_app
+
+    config = load_config(ServeConfig, None, [
+        f"embedder=minilm={minilm_path}", f"api_key={API_KEY}", "app_name=granite-ray-timeout", "request_timeout_s=0.001",
+        "gateway_replicas.num_cpus=0.05", "embedder_replicas.num_cpus=0.1", "embedder_replicas.threads=1"])
+    serve.run(build_app(config), name=config.app_name, route_prefix="/slow")
+    try:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        slow = httpx.post(f"{server}/slow/v1/embeddings", json={"input": cranfield_texts(64)}, headers=headers, timeout=120)
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout", slow.text
+        assert "request_timeout_s" in slow.json()["error"]["message"]
+        again = httpx.post(f"{server}/v1/embeddings", json={"input": ["still serving"]}, headers=headers, timeout=120)
+        assert again.status_code == 200 and len(again.json()["data"][0]["embedding"]) == 384
+    finally:
+        serve.delete(config.app_name)
+
+
 @pytest.mark.job  # a CLI process: in this one, Ray's streamed replica logs of earlier tests share stderr
 def test_an_exposed_host_without_an_api_key_is_refused_in_one_line(minilm_path):
     env = {k: v for k, v in os.environ.items() if k != "GRANITE_RAY_API_KEY"}

@@ -9,16 +9,16 @@ from tokenizers import Tokenizer
 
 from granite_ray.data.corpus import object_column
 from granite_ray.data.rows import RowError, parse_lines, text_columns
-from granite_ray.data.tables import Table, parse_table
+from granite_ray.data.tables import Table, from_cells
 
 GLOBAL = -1  # the row and column of the tokens every table token attends to: [CLS], the [SEP]s
 
 
 def table_tokens(tokenizer: Tokenizer, table: Table, separator: int) -> tuple[list[int], list[int], list[int]]:
-    """A table's content tokens as R2 linearizes it, "headers [SEP] cells" (`Table.linearize`), with
-    each token's row and column (headers are row 0, the separator GLOBAL): what the M1 mask reads.
-    Each header and cell is tokenized with the space before it in the linearized text, so the ids are
-    those of the headers' text and of the cells' text, each tokenized whole."""
+    """A table's content tokens as R2 linearizes it, "headers [SEP] cells" (the headers, then every
+    non-empty cell row by row, space-separated), with each token's row and column (headers are row 0,
+    the separator GLOBAL): what the M1 mask reads. Each header and cell is tokenized with the space
+    before it, so the ids are those of the headers' text and of the cells' text, each tokenized whole."""
     headers = [(0, c, h) for c, h in enumerate(table.headers) if h]
     cells = [(r, c, cell) for r, row in enumerate(table.rows, 1) for c, cell in enumerate(row) if cell]
     texts = [text if i == 0 else f" {text}" for i, (_, _, text) in enumerate(headers + cells)]
@@ -32,8 +32,9 @@ def table_tokens(tokenizer: Tokenizer, table: Table, separator: int) -> tuple[li
 
 
 class TokenizeExamples:
-    """Ray Data actor: {enc_text[, dec_text]} rows -> {enc, dec} framed token ids; {table[, dec_text]}
-    rows (Markdown tables) -> {enc, dec, enc_rows, enc_cols}, each token's table row and column.
+    """Ray Data actor: {enc_text[, dec_text]} rows -> {enc, dec} framed token ids; {cells[, dec_text]}
+    rows (tables as `Table.cells` JSON) -> {enc, dec, enc_rows, enc_cols}, each token's table row and
+    column. Tables need the tokenizer's `separator` id.
 
     `windows=True` cuts a long encoder text into consecutive windows, one example each."""
 
@@ -51,7 +52,7 @@ class TokenizeExamples:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if "table" in batch:
+        if "cells" in batch:
             return self._tables(batch)
         encoded = self._ids(list(batch["enc_text"]))
         targets = self._ids(list(batch["dec_text"])) if "dec_text" in batch else [[] for _ in encoded]
@@ -67,11 +68,13 @@ class TokenizeExamples:
 
     def _tables(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One example per table, cut to max_len; its frame tokens are GLOBAL."""
-        targets = self._ids(list(batch["dec_text"])) if "dec_text" in batch else [[] for _ in batch["table"]]
+        if self.separator is None:
+            raise ValueError("TokenizeExamples: tables need the tokenizer's separator id")
+        targets = self._ids(list(batch["dec_text"])) if "dec_text" in batch else [[] for _ in batch["cells"]]
         columns = {"enc": [], "dec": [], "enc_rows": [], "enc_cols": []}
         frame = ([GLOBAL] * len(self.prefix), [GLOBAL] * len(self.suffix))
-        for markdown, target in zip(batch["table"], targets):
-            ids, rows, cols = (part[:self.room] for part in table_tokens(self.tokenizer, parse_table(markdown, "markdown"), self.separator))
+        for cells, target in zip(batch["cells"], targets):
+            ids, rows, cols = (part[:self.room] for part in table_tokens(self.tokenizer, from_cells(cells), self.separator))
             columns["enc"].append(np.array(self.prefix + ids + self.suffix, dtype=np.int32))
             columns["dec"].append(np.array(self.prefix + target[:self.room] + self.suffix if target else [], dtype=np.int32))
             columns["enc_rows"].append(np.array(frame[0] + rows + frame[1], dtype=np.int32))
@@ -80,12 +83,12 @@ class TokenizeExamples:
 
 
 def _summary_row(record, where: str) -> tuple[str, str]:
-    if not isinstance(record, dict) or not isinstance(record.get("table"), str) or not isinstance(record.get("summary"), str):
-        raise RowError("a summarize-tables row needs table (Markdown) and summary (strings)")
-    return record["table"], record["summary"]
+    if not isinstance(record, dict) or not isinstance(record.get("cells"), str) or not isinstance(record.get("summary"), str):
+        raise RowError("a summarize-tables row needs cells (the table as JSON) and summary (strings)")
+    return record["cells"], record["summary"]
 
 
 def summary_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """summarize-tables parquet rows -> the table (Markdown) and its summary; a malformed row fails the job."""
+    """summarize-tables parquet rows -> the table's cells and its summary; a malformed row fails the job."""
     rows = parse_lines(batch, _summary_row)
-    return text_columns(rows, ("table", "dec_text"))
+    return text_columns(rows, ("cells", "dec_text"))

@@ -1,14 +1,15 @@
 """Tables from Markdown, HTML, CSV or lists of rows, normalized to headers + rows.
 
-The encoder sees a table linearized as "[CLS] headers [SEP] cells [SEP]" (Granite Embedding R2,
-tabular pretraining): the tokenizer adds the outer [CLS]/[SEP], we join headers and cells with
-its separator token. A table that cannot be read raises TableError naming the reason.
+A table travels as Markdown (for an LLM's prompt) and as `cells`, the JSON list [headers, *rows],
+which keeps its structure exactly for the encoder (granite_ray.data.examples.table_tokens). A
+table that cannot be read raises TableError naming the reason.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
@@ -37,9 +38,14 @@ class Table:
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         return "\n".join(lines)
 
-    def linearize(self, sep_token: str = "[SEP]") -> str:
-        cells = " ".join(cell for row in self.rows for cell in row if cell)
-        return f"{' '.join(self.headers)} {sep_token} {cells}"
+    def cells(self) -> str:
+        """[headers, *rows] as JSON: read back with `from_cells`, unlike Markdown, whatever the cells hold."""
+        return json.dumps([self.headers, *self.rows], ensure_ascii=False)
+
+
+def from_cells(text: str) -> Table:
+    headers, *rows = json.loads(text)
+    return Table(headers, rows)
 
 
 def _normalized(rows: list[list], source: str) -> Table:
@@ -135,7 +141,7 @@ def parse_table(value, fmt: str = "auto") -> Table:
 
 
 def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dict[str, np.ndarray]:
-    """JSON lines -> {id, title, table (Markdown), linearized}; unreadable tables reported and skipped."""
+    """JSON lines -> {id, title, table (Markdown), cells (JSON)}; unreadable tables reported and skipped."""
     cfg = TablesConfig(**config)
 
     def parsed(record, where: str) -> dict[str, str]:
@@ -146,10 +152,10 @@ def parse_table_rows(batch: dict[str, np.ndarray], config: dict, counter) -> dic
         except TableError as err:
             raise RowError(BAD_TABLE, detail=str(err)) from None
         return {"id": str(record.get(cfg.id_field, where)), "title": str(record.get(cfg.title_field) or ""),
-                "table": table.markdown(), "linearized": table.linearize()}
+                "table": table.markdown(), "cells": table.cells()}
 
     rows = parse_lines(batch, parsed, counter)
-    return {k: np.array([r[k] for r in rows], dtype=object) for k in ("id", "title", "table", "linearized")}
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in ("id", "title", "table", "cells")}
 
 
 def read_tables(config: TablesConfig, counter) -> ray.data.Dataset:

@@ -122,7 +122,8 @@ def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFiel
                 parts.append(batch["embedding"][rows])
         if time.perf_counter() - last_report > 30:
             last_report = time.perf_counter()
-            log(f"{dataset.name}: {len(doc_ids)} documents encoded ({len(doc_ids) / (last_report - start):.3g}/s)", TAG)
+            rate = len(doc_ids) / (last_report - start)
+            log(f"{dataset.name}: {len(doc_ids)} documents encoded ({rate:.{0 if rate >= 10 else 2}f}/s)", TAG)
     if not doc_ids:
         raise ValueError(f"{dataset.corpus_uri}: the corpus has no documents")
     if sparse:

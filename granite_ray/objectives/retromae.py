@@ -129,9 +129,9 @@ class RetroMAEObjective:
                 packed.pop("attention_mask")
             return ids, packed, np.cumsum([0] + lens[:-1])
         ids = padded_rows(encoded, self.tokenizer.pad_token_id)
-        allowed = table_attention(padded_rows(batch["enc_rows"], GLOBAL), padded_rows(batch["enc_cols"], GLOBAL))
+        rows, cols = (padded_rows(batch[name], GLOBAL).to(device) for name in ("enc_rows", "enc_cols"))
         packed = packed_model_inputs([[n] for n in lens], ids.shape[1], self.attn_implementation, self.half_window, device,
-                                     allowed=allowed.to(device))
+                                     allowed=table_attention(rows, cols))
         if not self.layer_types:  # one mask for every layer of an encoder without sliding-window layers
             packed["attention_mask"] = packed["attention_mask"]["full_attention"]
         return ids, packed, np.arange(len(lens)) * ids.shape[1]
