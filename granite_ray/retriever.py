@@ -15,21 +15,21 @@ import ray
 from transformers import AutoTokenizer
 
 from granite_ray import storage
-from granite_ray.config import ContrastiveConfig, RerankerConfig, RetrieverStageConfig, TrainTeacherConfig
-from granite_ray.data.pairs import TokenizeLists, TokenizePairs, read_pairs, sampling_weights
-from granite_ray.encoder import sentence_transformers_settings, special_frame
+from granite_ray.config import RerankerConfig, RetrieverStageConfig
+from granite_ray.data.pairs import read_pairs, sampling_weights
+from granite_ray.encoder import sentence_transformers_settings
 from granite_ray.runtime import init_ray, log
 from granite_ray.stages import STAGES
-from granite_ray.tokenizer import tokenizer_files, with_eos
+from granite_ray.tokenizer import tokenizer_files
 from granite_ray.train.loop import run_training
 
 
 def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
+    """Any stage on query/passage rows: its objective says how its tokenizer and rows are prepared."""
+    objective = STAGES[config.stage].objective_cls
     storage.apply_storage_env(config.storage)
     with storage.local_copy(config.model.init_from) as folder:  # a missing model fails before Ray starts
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        if isinstance(config, TrainTeacherConfig):  # the decoder pools EOS: every text must end with it
-            tokenizer = with_eos(tokenizer)
+        tokenizer = objective.prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
         prompts = sentence_transformers_settings(folder)["prompts"]
     init_ray(config)
     data = config.data
@@ -37,17 +37,11 @@ def run_embedding_stage(config: RetrieverStageConfig | RerankerConfig) -> str:
         data.query_prompt = prompts["query"]
     if data.passage_prompt is None and (prompts.get("document") or prompts.get("passage")):
         data.passage_prompt = prompts.get("document") or prompts.get("passage")
-    if config.stage == "train-reranker":
-        tokenize, args = TokenizeLists, (tokenizer.backend_tokenizer.to_str(), data.model_dump(), config.max_length,
-                                         config.passages.model_dump() if config.passages else None)
-    else:
-        tokenize, args = TokenizePairs, (tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), data.model_dump(),
-                                         not isinstance(config, ContrastiveConfig))
-    datasets, sizes, counter = read_pairs(data, tokenize, args)
+    datasets, sizes, counter = read_pairs(data, *objective.row_tokenizer(config, tokenizer))
     weights = sampling_weights(sizes, data.sampling_power)
     log(f"{config.stage}: datasets {sizes} sampled with probabilities "
         f"{ {k: round(v, 3) for k, v in weights.items()} }")
-    result = run_training(config, STAGES[config.stage].objective_cls, {name: datasets[name] for name in weights}, tokenizer_files(tokenizer), weights)
+    result = run_training(config, objective, {name: datasets[name] for name in weights}, tokenizer_files(tokenizer), weights)
     dropped = ray.get(counter.examples.remote())
     stats = {"rows": sizes, "sampling_weights": weights, "dropped_rows": {k: len(v) for k, v in dropped.items()},
              "dropped_examples": {k: v[:20] for k, v in dropped.items()}, "final_metrics": result.metrics}

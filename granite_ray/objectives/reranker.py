@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import RerankerConfig
+from granite_ray.data.pairs import TokenizeLists
 from granite_ray.losses.plistmle import plistmle_loss
 from granite_ray.model import resolve_attn_implementation, set_dropout, write_artifact
 from granite_ray.rerank import CrossEncoderModel
@@ -33,6 +34,16 @@ def load_cross_encoder(config: RerankerConfig) -> nn.Module:
 
 
 class RerankerObjective:
+    @staticmethod
+    def prepare_tokenizer(tokenizer):
+        return tokenizer
+
+    @classmethod
+    def row_tokenizer(cls, config: RerankerConfig, tokenizer) -> tuple[type, tuple]:
+        """Each row's query paired with its positive and negatives, best first (a ranked list)."""
+        return TokenizeLists, (tokenizer.backend_tokenizer.to_str(), config.data.model_dump(), config.max_length,
+                               config.passages.model_dump() if config.passages else None)
+
     def __init__(self, config: RerankerConfig, tokenizer) -> None:
         self.config = config
         self.tokenizer = tokenizer

@@ -21,7 +21,8 @@ from transformers import AutoModel
 import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import ContrastiveConfig, DistillConfig, RetrieverStageConfig
-from granite_ray.encoder import packed_embeddings, sentence_transformers_settings
+from granite_ray.data.pairs import TokenizePairs
+from granite_ray.encoder import packed_embeddings, sentence_transformers_settings, special_frame
 from granite_ray.losses.contrastive import improved_contrastive_loss
 from granite_ray.losses.distill import distillation_loss
 from granite_ray.model import resolve_attn_implementation, sentence_transformers_files, set_dropout, set_global_rope_theta, write_artifact
@@ -66,8 +67,27 @@ def sentence_transformers_module_files(source: Path) -> dict[str, bytes]:
     return {name: (source / name).read_bytes() for name in names}
 
 
+def pair_rows(config: RetrieverStageConfig, tokenizer, teacher_scores: bool) -> tuple[type, tuple]:
+    """The Ray Data actor (and its arguments) that frames each row's query, positive and negatives,
+    with the teacher's scores over them when `teacher_scores`."""
+    return TokenizePairs, (tokenizer.backend_tokenizer.to_str(), special_frame(tokenizer), config.data.model_dump(),
+                           teacher_scores)
+
+
 class EmbeddingObjective:
-    """What the embedding stages share: model, batch layout, one packed forward, artifact."""
+    """What the embedding stages share: model, batch layout, one packed forward, artifact.
+    Each objective declares what its stage's runner prepares: the tokenizer, and the actor that
+    turns raw rows into its batches."""
+
+    teacher_scores = True  # distillation learns the teacher's scores over each row's candidates
+
+    @staticmethod
+    def prepare_tokenizer(tokenizer):
+        return tokenizer
+
+    @classmethod
+    def row_tokenizer(cls, config: RetrieverStageConfig, tokenizer) -> tuple[type, tuple]:
+        return pair_rows(config, tokenizer, cls.teacher_scores)
 
     def __init__(self, config: RetrieverStageConfig, tokenizer) -> None:
         self.config = config
@@ -122,6 +142,7 @@ class EmbeddingObjective:
 
 class ContrastiveObjective(EmbeddingObjective):
     config: ContrastiveConfig
+    teacher_scores = False
 
     def loss_from_embeddings(self, embeddings: torch.Tensor, inputs: dict) -> torch.Tensor:
         rows, ids = inputs["rows"], inputs["passage_ids"]

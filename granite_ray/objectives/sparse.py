@@ -32,6 +32,7 @@ from granite_ray.losses.distill import distillation_loss
 from granite_ray.losses.in_batch import in_batch_ranking_loss
 from granite_ray.losses.sparse import flops_regularizer, norm_regularizer
 from granite_ray.model import resolve_attn_implementation, set_dropout, set_global_rope_theta, write_artifact
+from granite_ray.objectives.retriever import pair_rows
 from granite_ray.train.metrics import dense_flops_per_token
 
 METRICS = ("distill_loss", "in_batch_loss", "query_flops", "passage_flops", "query_nonzeros", "passage_nonzeros")
@@ -98,6 +99,14 @@ def start_missing_head(model: nn.Module, missing_keys: list[str], sample_sequenc
 
 
 class SparseObjective:
+    @staticmethod
+    def prepare_tokenizer(tokenizer):
+        return tokenizer
+
+    @classmethod
+    def row_tokenizer(cls, config: SparseConfig, tokenizer) -> tuple[type, tuple]:
+        return pair_rows(config, tokenizer, teacher_scores=True)  # distilled from the dense teacher's scores
+
     def __init__(self, config: SparseConfig, tokenizer) -> None:
         self.config = config
         self.tokenizer = tokenizer

@@ -20,9 +20,10 @@ from granite_ray.tokenizer import with_eos
 
 class TeacherObjective(ContrastiveObjective):
     config: TrainTeacherConfig
+    prepare_tokenizer = staticmethod(with_eos)  # the decoder pools EOS: every text must end with it
 
     def __init__(self, config: TrainTeacherConfig, tokenizer) -> None:
-        super().__init__(config, with_eos(tokenizer))
+        super().__init__(config, self.prepare_tokenizer(tokenizer))
 
     def build_model(self) -> torch.nn.Module:
         model, _ = load_encoder(self.config)  # AutoModel of a causal LM: the decoder without its LM head
