@@ -139,6 +139,26 @@ def test_a_stage_that_leaves_the_data_pipeline_no_cpu_is_refused_in_one_line(tmp
     assert "cpus_per_actor <=" in evaluated.stderr and "Traceback" not in evaluated.stderr
 
 
+@pytest.mark.job  # a Ray job or a CLI process
+def test_a_training_run_that_fails_in_its_workers_ends_in_one_line_and_exit_1(tmp_path, minilm_path):
+    """Weights that cannot be read fail every worker: Ray streams their tracebacks, and the command itself
+    ends with one line naming the cause, exit 1, nothing written."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(minilm_path, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"query": "q", "pos": ["p"]}) + "\n")
+    trained = _cli("contrastive", f"model.init_from={broken}", f"data.datasets=[{rows}]", "train.cpus_per_worker=1",
+                   "train.max_steps=1", f"output_uri={tmp_path / 'out'}", f"storage_path={tmp_path / 'runs'}")
+    assert trained.returncode == 1, trained.stderr[-3000:]
+    ours = [line for line in trained.stderr.splitlines() if line.startswith("granite-ray ")]
+    assert len(ours) == 1 and ours[0].startswith("granite-ray contrastive: training failed: ") and "safetensors" in ours[0].lower(), ours
+    assert "Traceback (most recent call last):" not in trained.stderr.splitlines()  # none of the command's own: the workers' are tagged
+    assert not (tmp_path / "out").exists()
+
+
 def test_mining_writes_each_long_candidate_as_its_best_window(ray_local, tmp_path, minilm_path):
     from granite_ray.config import MineNegativesConfig
     from granite_ray.mining import run_mine_negatives

@@ -377,8 +377,12 @@ def run_training(config: StageConfig, objective_cls: type, datasets: dict[str, r
             datasets_to_split=[] if tc.data_sharding == "stride" else "all",
             execution_options=ExecutionOptions(preserve_order=True) if tc.data_sharding == "stride" else None),
     )
-    result = trainer.fit()
-    if result.error:  # the workers' tracebacks are already in the log; the command ends with one line
-        lines = [line for line in str(result.error).splitlines() if line.strip()]
-        raise TrainingFailed(f"training failed: {lines[-1] if lines else type(result.error).__name__}")
+    try:
+        result = trainer.fit()
+        error = result.error
+    except ray.train.TrainingFailedError as raised:  # how Ray Train 2.60 reports a worker's error
+        error = raised
+    if error:  # the workers' tracebacks are already in the log; the command ends with one line
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise TrainingFailed(f"training failed: {lines[-1] if lines else type(error).__name__}") from None
     return result
