@@ -11,7 +11,7 @@
 #   4. the reranker as the teacher (a cross-encoder, R2's reranker lists) scores the mined rows;
 #      distillation from the contrastive model learns its order
 #   5. eval: base, contrastive, distill, and the reranker on the contrastive model's top 20
-# About 2 hours on 2 CPU cores. Outputs under ${OUT:-outputs/qmsum}; a rerun skips every step whose
+# 105 minutes on 2 CPU cores (measured; README, "Long documents"). Outputs under ${OUT:-outputs/qmsum}; a rerun skips every step whose
 # output is complete (its manifest), so it resumes where it stopped.
 set -euo pipefail
 G=.venv/bin/granite-ray
