@@ -1,4 +1,4 @@
-"""RetroMAE's examples, made where Ray Data runs: {enc_text or table[, dec_text]} rows become
+"""RetroMAE's examples, made where Ray Data runs: {enc_text or cells[, dec_text]} rows become
 {enc, dec} framed token ids, and a table's tokens also their rows and columns. Imports neither torch
 nor transformers, so its workers start in seconds."""
 
