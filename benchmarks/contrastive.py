@@ -50,7 +50,7 @@ def ours(args, pairs: Path, work: Path) -> dict:
     import ray
 
     from granite_ray.config import ContrastiveConfig, load_config
-    from granite_ray.retriever import run_embedding_stage
+    from granite_ray.stages.retriever import run_embedding_stage
 
     # Two logical CPUs for the training worker (its torch threads) plus one for the data pipeline,
     # all on the machine's two cores, as the baseline uses them.

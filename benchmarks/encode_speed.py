@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ BATCH = 128
 def build_model(work: Path) -> Path:
     """A small-preset ModernBERT artifact with random weights and a BPE tokenizer trained on the corpus."""
     from granite_ray.config import ModelConfig, PretrainMLMConfig
-    from granite_ray.model import build_mlm_model, save_artifact
+    from granite_ray.models.modernbert import build_mlm_model, save_artifact
     from granite_ray.tokenizer import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in (QMSUM / "corpus.jsonl").read_text().splitlines()]
@@ -58,7 +57,7 @@ def padded_baseline(path: Path, batches: list[list[list[int]]]) -> float:
 
 def ours(path: Path, batches: list[list[list[int]]]) -> float:
     from granite_ray.config import EncoderConfig
-    from granite_ray.encoder import Encoder
+    from granite_ray.inference.encoder import Encoder
 
     encoder = Encoder(str(path), EncoderConfig(max_length=512))
     encoder.forward_batch(batches[0][:8])  # warm-up
@@ -71,8 +70,8 @@ def ours(path: Path, batches: list[list[list[int]]]) -> float:
 def workloads(path: Path, turns: int, transcripts: int) -> dict[str, tuple[list[list[int]], int]]:
     """Framed token sequences per workload (tokenized once, outside the clock) and document counts."""
     from granite_ray.config import EncoderConfig
-    from granite_ray.encoder import Encoder
-    from granite_ray.speed import chunks_of
+    from granite_ray.inference.encoder import Encoder
+    from granite_ray.stages.speed import chunks_of
 
     encoder = Encoder(str(path), EncoderConfig(max_length=512))
     rows = [json.loads(line) for line in (QMSUM / "corpus.jsonl").read_text().splitlines()]

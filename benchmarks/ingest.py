@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +82,7 @@ def write_copies(source: Path, root: Path, copies: int, files_per_copy: int = 4)
 def run_pipeline(corpus: Path, tokenizer, actors: int) -> tuple[int, float, PeakRSS]:
     """(content tokens, seconds, peak memory) for the whole streamed pipeline over `corpus`."""
     from granite_ray.config import DataConfig
-    from granite_ray.pretrain import packed_dataset
+    from granite_ray.stages.pretrain import packed_dataset
 
     data = DataConfig(paths=[str(corpus)], text_fields=["title", "text"], max_seq_len=1024, tokenize_actors=actors,
                       pack_batch_docs=64)

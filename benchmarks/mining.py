@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-
 from common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def tiny_model(folder: Path, corpus: Path) -> Path:
     import torch
 
     from granite_ray.config import ModelConfig, PretrainMLMConfig
-    from granite_ray.model import build_mlm_model, save_artifact
+    from granite_ray.models.modernbert import build_mlm_model, save_artifact
     from granite_ray.tokenizer import train_tokenizer
 
     texts = (json.loads(line)["text"] for _, line in zip(range(20000), corpus.open()))

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from common import write_result
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import write_result
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cranfield"
@@ -39,7 +38,7 @@ def batches(data: dict[str, np.ndarray], size: int):
 
 def ours(model: str, data, size: int) -> tuple[float, list]:
     from granite_ray.config import LLMConfig
-    from granite_ray.llm import TeacherEmbedder
+    from granite_ray.inference.llm import TeacherEmbedder
 
     actor = TeacherEmbedder(LLMConfig(model=model, max_model_len=256).model_dump(), "vllm-cpu", "auto", "{query}", "")
     actor(next(batches(data, 2)))  # warm-up

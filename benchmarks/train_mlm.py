@@ -32,7 +32,7 @@ def ours(args, tokenizer_dir: Path, work: Path, workers: int = 1) -> dict:
     import ray
 
     from granite_ray.config import PretrainMLMConfig, load_config
-    from granite_ray.pretrain import run_pretrain_mlm
+    from granite_ray.stages.pretrain import run_pretrain_mlm
 
     # Two logical CPUs for the training worker (its torch threads) plus one for the data pipeline,
     # all on the machine's two cores, as the baseline uses them.
@@ -59,11 +59,10 @@ def ours(args, tokenizer_dir: Path, work: Path, workers: int = 1) -> dict:
 
 def baseline(args, tokenizer_dir: Path, work: Path) -> dict:
     import torch
-    from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
     from granite_ray.config import ModelConfig
-    from granite_ray.model import build_mlm_model
+    from granite_ray.models.modernbert import build_mlm_model
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     rows = [json.loads(line) for path in sorted(CORPUS.glob("*.jsonl")) for line in path.read_text().splitlines()]

@@ -15,7 +15,7 @@ from granite_ray.pipeline import PipelineError, run_pipeline_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from granite_ray.stages import STAGES
+    from granite_ray.stages.registry import STAGES
 
     parser = argparse.ArgumentParser(prog="granite-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.output, args.overrides, keep_serving=not args.exit)
             return 0
-        from granite_ray.stages import STAGES
+        from granite_ray.stages.registry import STAGES
 
         stage = STAGES[args.command]
         config = load_config(stage.config_cls, args.config, [f"stage={args.command}", *args.overrides])

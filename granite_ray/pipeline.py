@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from granite_ray import storage
-from granite_ray.config import API_KEY_ENV, PipelineConfig, PipelineStage, dump_config, load_config
+from granite_ray.config import API_KEY_ENV, REFERENCE, PipelineConfig, PipelineStage, dump_config, load_config
 from granite_ray.runtime import log
 
 TAG = "pipeline"
-REFERENCE = re.compile(r"\$\{([a-z0-9][a-z0-9_-]*)\}")
 SERVING = re.compile(r"serving at (\S+)")
 LINE_END = re.compile(r"\r\n|\r|\n")  # as str.splitlines: progress bars redraw with a bare \r
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -60,7 +59,7 @@ class ResolvedStage:
 
 def resolve_stages(pipeline: PipelineConfig) -> list[ResolvedStage]:
     """Each stage's full config, `${name}` references replaced by earlier artifacts, validated now."""
-    from granite_ray.stages import STAGES
+    from granite_ray.stages.registry import STAGES
 
     resolved: dict[str, ResolvedStage] = {}
     for spec in pipeline.stages:

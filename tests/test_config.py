@@ -92,7 +92,7 @@ def test_every_mistake_a_user_makes_ends_in_one_line_and_exit_2(tmp_path, capsys
 def test_every_shipped_config_validates_for_its_stage(path):
     import yaml
 
-    from granite_ray.stages import STAGES
+    from granite_ray.stages.registry import STAGES
 
     stage = yaml.safe_load(path.read_text()).get("stage", "pretrain-mlm")  # the default stage of its config class
     config = load_config(STAGES[stage].config_cls, path)

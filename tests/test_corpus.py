@@ -3,8 +3,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import SAMPLE
+
 from granite_ray import storage
 from granite_ray.config import DataConfig
 from granite_ray.data.corpus import read_corpus

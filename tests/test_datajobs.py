@@ -49,7 +49,7 @@ def test_malformed_tables_say_why(value, reason):
 
 @pytest.mark.vllm
 def test_smollm2_summaries_for_real_tables_in_vllm_with_bad_rows_skipped(ray_local, tmp_path, smollm2):
-    from granite_ray.datajobs import run_summarize_tables
+    from granite_ray.stages.datajobs import run_summarize_tables
 
     tables = [json.loads(line) for line in (SHARED_DATA / "fetaqa_dev" / "corpus.jsonl").read_text().splitlines()[:3]]
     source = tmp_path / "tables" / "part-0.jsonl"
@@ -76,7 +76,7 @@ def test_smollm2_summaries_for_real_tables_in_vllm_with_bad_rows_skipped(ray_loc
 def test_teacher_scores_through_vllm_equal_sentence_transformers(ray_local, tmp_path, minilm_path):
     from sentence_transformers import SentenceTransformer
 
-    from granite_ray.datajobs import run_teacher_scores
+    from granite_ray.stages.datajobs import run_teacher_scores
 
     docs = [json.loads(line) for line in (SHARED_DATA / "cranfield" / "corpus.jsonl").read_text().splitlines()[:12]]
     queries = [json.loads(line)["text"] for line in (SHARED_DATA / "cranfield" / "queries.jsonl").read_text().splitlines()[:4]]
@@ -96,9 +96,9 @@ def test_teacher_scores_through_vllm_equal_sentence_transformers(ray_local, tmp_
 
 @pytest.mark.parametrize("index, shards", [("flat", 1), ("ivf", 2)])
 def test_mined_negatives_exclude_positives_and_respect_the_margin(ray_local, tmp_path, minilm_path, index, shards):
-    from granite_ray.encoder import Encoder
     from granite_ray.evaluate.beir import document_text, load_beir
-    from granite_ray.mining import run_mine_negatives
+    from granite_ray.inference.encoder import Encoder
+    from granite_ray.stages.mining import run_mine_negatives
 
     folder = SHARED_DATA / "adi"
     config = load_config(MineNegativesConfig, None, [
@@ -132,7 +132,7 @@ def test_mined_negatives_exclude_positives_and_respect_the_margin(ray_local, tmp
 
 def test_a_mining_sample_keeps_the_first_queries_by_id_with_their_judgements():
     from granite_ray.evaluate.beir import load_beir
-    from granite_ray.mining import first_queries
+    from granite_ray.stages.mining import first_queries
 
     full = load_beir(str(SHARED_DATA / "fetaqa_dev"), "dev")
     sample = first_queries(full, 10)
@@ -142,7 +142,7 @@ def test_a_mining_sample_keeps_the_first_queries_by_id_with_their_judgements():
 
 
 def test_negatives_without_a_margin_keep_the_hardest_candidates():
-    from granite_ray.mining import select_negatives
+    from granite_ray.stages.mining import select_negatives
 
     candidates = [("a", 0.9), ("p", 0.5), ("b", 0.48), ("c", 0.2), ("d", 0.1)]
     assert select_negatives(candidates, {"p": 0.5}, 0.95, 2) == [("c", 0.2), ("d", 0.1)]  # a and b: likely false negatives

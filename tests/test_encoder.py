@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_DATA, cranfield_texts
 
 from granite_ray.config import EncoderConfig, SpeedConfig
-from granite_ray.encoder import Encoder
+from granite_ray.inference.encoder import Encoder
 
 
 @pytest.mark.parametrize("model", ["minilm", "ours"])
@@ -57,7 +57,7 @@ def test_prompts_and_normalization(tiny_artifact):
 
 
 def test_speed_uses_the_papers_chunking_in_both_modes(tiny_artifact, tmp_path):
-    from granite_ray.speed import run_speed
+    from granite_ray.stages.speed import run_speed
 
     config = SpeedConfig(models=[tiny_artifact], corpus=str(SHARED_DATA / "qmsum_longdoc"), max_docs=2, chunk_tokens=128,
                          chunk_overlap=32, batch_size=16, output_uri=str(tmp_path / "speed"))

@@ -10,16 +10,16 @@ import time
 from collections import Counter
 
 from conftest import REPO, SAMPLE
+
 from granite_ray import storage
 from granite_ray.config import PretrainMLMConfig, load_config
-
 
 ROWS_PER_STEP = 8
 STEP_LINE = re.compile(r"RayTrainWorker pid=(\d+)\).*\[granite-ray\] step (\d+)/")
 
 
 def test_killed_worker_resumes_from_s3_without_repeating_or_skipping_rows(ray_local, bucket, tokenizer_dir, capfd):
-    from granite_ray.pretrain import run_pretrain_mlm
+    from granite_ray.stages.pretrain import run_pretrain_mlm
 
     steps = 60
     config = _audited_config(bucket, tokenizer_dir, steps, "kill-test")
@@ -53,7 +53,7 @@ def test_killed_worker_resumes_from_s3_without_repeating_or_skipping_rows(ray_lo
 def test_s3_outage_of_30s_during_a_checkpoint_is_retried_and_every_row_trained_once(ray_local, s3, bucket, tokenizer_dir, capfd):
     """The server is stopped (connections refused, its data kept) three steps before a checkpoint and started
     again 30 s later: the checkpoint's writes wait or fail and resume, and the run ends as if nothing happened."""
-    from granite_ray.pretrain import run_pretrain_mlm
+    from granite_ray.stages.pretrain import run_pretrain_mlm
 
     steps, checkpoint = 20, 10
     config = _audited_config(bucket, tokenizer_dir, steps, "outage-test", checkpoint_every=checkpoint)
@@ -103,7 +103,7 @@ def _audited_config(bucket: str, tokenizer_dir, steps: int, run_name: str, check
 
 def _assert_every_row_trained_once(ray_local, config, bucket: str, run_name: str) -> None:
     """The audit log holds every step once, and exactly the first steps x workers x rows of the ordered stream."""
-    from granite_ray.pretrain import packed_dataset
+    from granite_ray.stages.pretrain import packed_dataset
     from granite_ray.tokenizer import load_tokenizer
 
     steps, workers = config.train.max_steps, config.train.num_workers

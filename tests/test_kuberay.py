@@ -23,12 +23,12 @@ import shlex
 import pytest
 import ray
 import yaml
+from conftest import REPO
 from ray.runtime_env import RuntimeEnv
 
-from conftest import REPO
 from granite_ray.cli import build_parser
 from granite_ray.config import ConfigError, EncoderPoolFields, StageConfig, load_config
-from granite_ray.stages import STAGES
+from granite_ray.stages.registry import STAGES
 
 KUBERAY = REPO / "cluster" / "kuberay"
 MAX_NAME_LENGTH = 47  # KubeRay appends 6 characters for the RayCluster, whose names stop at 53

@@ -9,8 +9,8 @@ from conftest import cranfield_texts
 from safetensors.torch import load, load_file
 
 from granite_ray.config import ConfigError, MergeConfig, ModelConfig, PretrainMLMConfig, load_config
-from granite_ray.merge import run_merge
-from granite_ray.model import build_mlm_model, save_artifact
+from granite_ray.models.modernbert import build_mlm_model, save_artifact
+from granite_ray.stages.merge import run_merge
 
 
 def _artifact(path, tokenizer, seed, **model):
@@ -66,7 +66,7 @@ def test_integer_buffers_one_saver_writes_are_not_weights():
     """all-MiniLM-L6-v2's safetensors hold `embeddings.position_ids`; an artifact saved by transformers 5 does not."""
     import torch
 
-    from granite_ray.merge import merge_tensors
+    from granite_ray.stages.merge import merge_tensors
 
     with_ids = {"w": torch.ones(2, 2), "embeddings.position_ids": torch.arange(4)[None]}
     without = {"w": torch.zeros(2, 2)}

@@ -3,12 +3,13 @@
 import json
 
 from conftest import REPO, SAMPLE, assert_standard_loaders_agree
+
 from granite_ray import storage
 from granite_ray.config import PretrainMLMConfig, load_config
 
 
 def test_mlm_ddp_checkpoints_to_s3_and_resumes_from_them(ray_local, bucket, tmp_path, capfd):
-    from granite_ray.pretrain import run_pretrain_mlm
+    from granite_ray.stages.pretrain import run_pretrain_mlm
 
     def config(steps: int, output: str) -> PretrainMLMConfig:
         return load_config(PretrainMLMConfig, REPO / "configs" / "pretrain_mlm_tiny.yaml", [

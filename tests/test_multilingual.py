@@ -46,7 +46,7 @@ def test_packed_xlmr_positions_start_after_padding_as_unpacked_ones_do(xlmr):
     """Without the padding_idx + 1 offset, packed texts would read position rows 0.. instead of 2..."""
     from transformers import AutoModel, AutoTokenizer
 
-    from granite_ray.encoder import packed_hidden_states
+    from granite_ray.inference.encoder import packed_hidden_states
 
     model, tokenizer = AutoModel.from_pretrained(xlmr, attn_implementation="sdpa_varlen").eval(), AutoTokenizer.from_pretrained(xlmr)
     texts = [tokenizer(t)["input_ids"] for t in TEXTS]
@@ -57,7 +57,7 @@ def test_packed_xlmr_positions_start_after_padding_as_unpacked_ones_do(xlmr):
 
 
 def _stage(cls, tmp_path, name, overrides):
-    from granite_ray.retriever import run_embedding_stage
+    from granite_ray.stages.retriever import run_embedding_stage
 
     out = tmp_path / name
     config = load_config(cls, None, [*overrides, "train.batch_size=4", "train.max_steps=3", "train.log_every=1",
@@ -72,8 +72,8 @@ def _stage(cls, tmp_path, name, overrides):
 def test_every_stage_family_trains_an_xlmr_encoder_into_a_sentence_transformers_artifact(ray_local, tmp_path, xlmr):
     from sentence_transformers import CrossEncoder, SentenceTransformer, SparseEncoder
 
-    from granite_ray.encoder import Encoder
-    from granite_ray.rerank import Reranker
+    from granite_ray.inference.encoder import Encoder
+    from granite_ray.inference.reranker import Reranker
 
     rows = tmp_path / "rows.jsonl"
     cranfield_rows(rows, negatives=2, limit=16, with_scores=True, seed=2)

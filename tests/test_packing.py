@@ -1,12 +1,12 @@
 import pytest
 import torch
-
 from conftest import cranfield_texts
-from granite_ray.attention import packed_model_inputs
+
 from granite_ray.config import ModelConfig
 from granite_ray.data.masking import IGNORE_INDEX, mask_tokens, replacement_ids
 from granite_ray.data.packing import pack_segments
-from granite_ray.model import build_mlm_model
+from granite_ray.models.attention import packed_model_inputs
+from granite_ray.models.modernbert import build_mlm_model
 
 
 def _encode(tokenizer, texts):
@@ -131,7 +131,7 @@ def test_fused_training_form_has_the_plain_models_loss_and_gradients(tokenizer, 
     import json
 
     from granite_ray.config import PretrainMLMConfig
-    from granite_ray.model import ModernBertForFusedMLM, save_artifact
+    from granite_ray.models.modernbert import ModernBertForFusedMLM, save_artifact
 
     torch.manual_seed(0)
     plain = build_mlm_model(ModelConfig(preset="tiny", local_attention=16, attn_implementation="eager"), tokenizer)

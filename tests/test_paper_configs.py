@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from granite_ray.config import StageConfig, load_config
-from granite_ray.stages import STAGES
+from granite_ray.stages.registry import STAGES
 from granite_ray.train.optim import lr_multiplier
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

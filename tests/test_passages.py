@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import SHARED_DATA
-from granite_ray.passages import bm25_terms, best_passages, bm25_scores, word_windows
+
+from granite_ray.data.passages import best_passages, bm25_scores, bm25_terms, word_windows
 
 
 def _cranfield(limit: int) -> list[dict]:

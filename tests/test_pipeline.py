@@ -184,3 +184,28 @@ def test_job_logs_mask_a_secret_the_stream_cuts_in_two(capsys):
     assert out.splitlines() == ["[api] starting", "[api] key is *** here", "[api] serving at http://127.0.0.1:8000 (Prometheus)",
                                 "[api] bye ***"]
     assert logs.serving_url == "http://127.0.0.1:8000" and list(logs.tail)[-1] == "bye ***"
+
+
+@pytest.mark.unit
+def test_an_included_pipeline_runs_first_and_its_variables_are_defaults_the_file_and_cli_override(tmp_path):
+    from granite_ray.config import ConfigError, load_config
+
+    base = {"variables": {"data": "/d", "dataset": "${data}/one", "steps": "60"},
+            "stages": [{"name": "split", "stage": "split-queries", "overrides": ["dataset=${dataset}"]}]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump({
+        "include": str(tmp_path / "base.yaml"), "variables": {"steps": "8"},
+        "stages": [{"name": "eval", "stage": "eval", "overrides": ["models=[m]", "datasets=[${split}]"]}]}))
+    config = load_config(PipelineConfig, tmp_path / "demo.yaml", ["variables.data=/elsewhere"])
+    assert [s.name for s in config.stages] == ["split", "eval"]
+    # The file overrides the included default; the CLI's `data` moves the variable built from it.
+    assert config.variables == {"data": "/elsewhere", "dataset": "/elsewhere/one", "steps": "8"}
+    (tmp_path / "clash.yaml").write_text(yaml.safe_dump({"include": str(tmp_path / "base.yaml"), "stages": base["stages"]}))
+    with pytest.raises(ConfigError, match=r"stages: names \['split'\] repeat"):
+        load_config(PipelineConfig, tmp_path / "clash.yaml")
+    (tmp_path / "lost.yaml").write_text(yaml.safe_dump({"include": str(tmp_path / "nowhere.yaml"), "stages": base["stages"]}))
+    with pytest.raises(ConfigError, match="nowhere.yaml: no such config file"):
+        load_config(PipelineConfig, tmp_path / "lost.yaml")
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"include": str(tmp_path / "loop.yaml"), "stages": base["stages"]}))
+    with pytest.raises(ConfigError, match="loop.yaml includes itself"):
+        load_config(PipelineConfig, tmp_path / "loop.yaml")

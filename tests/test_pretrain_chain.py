@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import REPO, SAMPLE
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE
 from granite_ray.config import ConfigError, PretrainMLMConfig, load_config
 from granite_ray.train.optim import lr_multiplier
 
@@ -18,7 +18,7 @@ def _stage(name: str, yaml: str, out, runs, *overrides: str) -> PretrainMLMConfi
 
 
 def test_stages_chain_by_uri_with_their_own_context_theta_and_schedule(ray_local, tmp_path):
-    from granite_ray.pretrain import run_pretrain_mlm
+    from granite_ray.stages.pretrain import run_pretrain_mlm
 
     runs = tmp_path / "runs"
     s1, s2, s3 = (tmp_path / n for n in ("stage1", "stage2", "stage3"))

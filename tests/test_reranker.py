@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA, cranfield_rows
+
 from granite_ray.config import RerankerConfig, load_config
 
 
@@ -40,7 +40,7 @@ def test_the_reranker_reads_at_most_64_query_tokens_in_training_and_in_scoring(m
     from transformers import AutoTokenizer
 
     from granite_ray.data.pairs import TokenizeLists
-    from granite_ray.rerank import Reranker
+    from granite_ray.inference.reranker import Reranker
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     config = RerankerConfig.model_validate({"model": {"init_from": minilm_path}, "data": {"datasets": ["x"], "negatives": 1}})
@@ -68,7 +68,7 @@ def test_teacher_scores_by_a_cross_encoder_equal_its_predictions(ray_local, tmp_
     from sentence_transformers.cross_encoder import CrossEncoder
 
     from granite_ray.config import TeacherScoresConfig
-    from granite_ray.datajobs import run_teacher_scores
+    from granite_ray.stages.datajobs import run_teacher_scores
 
     cross = CrossEncoder(minilm_path, num_labels=1, device="cpu", activation_fn=torch.nn.Identity())
     cross.save(str(tmp_path / "cross"))
@@ -115,7 +115,7 @@ def test_lists_of_long_documents_hold_each_candidates_best_window(minilm_path):
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory, minilm_path):
-    from granite_ray.retriever import run_embedding_stage
+    from granite_ray.stages.retriever import run_embedding_stage
 
     tmp_path = tmp_path_factory.mktemp("reranker")
     rows = tmp_path / "lists.jsonl"
@@ -133,7 +133,7 @@ def trained(ray_local, tmp_path_factory, minilm_path):
 def test_reranker_trains_and_cross_encoder_loads_it_with_our_scores(trained):
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from granite_ray.rerank import Reranker
+    from granite_ray.inference.reranker import Reranker
 
     out = trained
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -172,10 +172,10 @@ def test_eval_reranks_the_embedder_top_k(trained, tmp_path, minilm_path):
 def test_eval_reranks_long_documents_by_their_best_passages(trained, tmp_path):
     """MaxP: each reranked document scores as the best of its per_document windows that best match the query."""
     from granite_ray.config import EvalConfig
+    from granite_ray.data.passages import best_passages
     from granite_ray.evaluate.beir import load_beir
     from granite_ray.evaluate.run import rerank_run
-    from granite_ray.passages import best_passages
-    from granite_ray.rerank import Reranker
+    from granite_ray.inference.reranker import Reranker
 
     docs = [json.loads(line) for line in (SHARED_DATA / "cranfield" / "corpus.jsonl").read_text().splitlines()[:30]]
     folder = tmp_path / "long"

@@ -9,9 +9,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE, cranfield_rows, cranfield_texts
+from conftest import SHARED_DATA as DATA
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, SHARED_DATA as DATA, cranfield_rows, cranfield_texts
 from granite_ray.config import ContrastiveConfig, DistillConfig, RetroMAEConfig, TrainConfig, load_config
 
 
@@ -23,7 +24,7 @@ def pairs(tmp_path_factory):
 
 
 def _contrastive(tmp_path, artifact, pairs, name: str, *overrides: str):
-    from granite_ray.retriever import run_embedding_stage
+    from granite_ray.stages.retriever import run_embedding_stage
 
     out = tmp_path / name
     config = load_config(ContrastiveConfig, None, [
@@ -82,10 +83,11 @@ def test_grad_cache_equals_uncached_loss_and_gradients(minilm_path, tmp_path, pa
     if GradCache replays each chunk's RNG state in its second pass."""
     import contextlib
 
-    from granite_ray.data.pairs import TokenizePairs
-    from granite_ray.encoder import special_frame
-    from granite_ray.objectives.retriever import ContrastiveObjective
     from transformers import AutoTokenizer
+
+    from granite_ray.data.pairs import TokenizePairs
+    from granite_ray.inference.encoder import special_frame
+    from granite_ray.objectives.retriever import ContrastiveObjective
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     config = load_config(ContrastiveConfig, None, [f"model.init_from={minilm_path}", f"data.datasets=[{pairs}]",
@@ -116,7 +118,7 @@ def test_distillation_stage_from_s3_artifact_to_s3_artifact_learns_teacher_order
     from sentence_transformers import SentenceTransformer
 
     from granite_ray import storage
-    from granite_ray.retriever import run_embedding_stage
+    from granite_ray.stages.retriever import run_embedding_stage
 
     storage.publish_dir(minilm_path, f"s3://{bucket}/minilm")
     storage.write_bytes(f"s3://{bucket}/kd/rows.jsonl", pairs.read_bytes())
@@ -148,9 +150,10 @@ def test_distillation_stage_from_s3_artifact_to_s3_artifact_learns_teacher_order
 
 
 def test_conversation_queries_put_the_latest_turn_first_and_truncate_the_oldest(minilm_path):
-    from granite_ray.data.pairs import TokenizePairs, format_conversation, parse_pair
-    from granite_ray.encoder import special_frame
     from transformers import AutoTokenizer
+
+    from granite_ray.data.pairs import TokenizePairs, format_conversation, parse_pair
+    from granite_ray.inference.encoder import special_frame
 
     rows = [json.loads(line) for line in (DATA / "mtrag_ibmcloud" / "queries.jsonl").read_text().splitlines()]
     turns = max(rows, key=lambda r: len(r["conversation"]))["conversation"]
@@ -175,8 +178,8 @@ def test_conversation_queries_put_the_latest_turn_first_and_truncate_the_oldest(
 
 
 def test_teacher_margin_leaves_out_negatives_the_teacher_scores_with_the_positive():
-    from granite_ray.data.rows import RowError
     from granite_ray.data.pairs import parse_pair, teacher_ordered
+    from granite_ray.data.rows import RowError
 
     row = {"query": "q", "pos": ["p"], "neg": ["a", "b", "c", "d"], "pos_scores": [0.8], "neg_scores": [0.9, 0.5, 0.76, 0.7]}
     # 0.95 * 0.8 = 0.76: "a" (above the positive) and "c" (at the margin) go; "b", "d" stay and are cycled to 3.
@@ -192,12 +195,12 @@ def test_teacher_margin_leaves_out_negatives_the_teacher_scores_with_the_positiv
 
 
 def test_a_small_dataset_is_tokenized_once_in_file_order_and_a_large_one_streams(ray_local, pairs, minilm_path):
+    from ray.data.dataset import MaterializedDataset
     from transformers import AutoTokenizer
 
     from granite_ray.config import PairDataConfig
     from granite_ray.data.pairs import TokenizePairs, read_pairs
-    from ray.data.dataset import MaterializedDataset
-    from granite_ray.encoder import special_frame
+    from granite_ray.inference.encoder import special_frame
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
 
@@ -268,7 +271,7 @@ def test_a_shuffle_buffer_permutes_rows_the_same_way_on_every_worker():
 
 
 def test_retromae_decoder_loss_falls_on_real_text(ray_local, tmp_path, tiny_artifact):
-    from granite_ray.retromae import run_retromae
+    from granite_ray.stages.retromae import run_retromae
 
     out = tmp_path / "retromae"
     config = load_config(RetroMAEConfig, None, [
@@ -290,7 +293,7 @@ def test_tabular_retromae_mixes_tables_summaries_and_text(ray_local, tmp_path, t
     import pyarrow.parquet as pq
 
     from granite_ray.data.tables import parse_table
-    from granite_ray.retromae import run_retromae
+    from granite_ray.stages.retromae import run_retromae
 
     rows = [json.loads(line) for line in (DATA / "fetaqa_dev" / "corpus.jsonl").read_text().splitlines()[:64]]
     summaries = tmp_path / "summaries"
@@ -381,8 +384,8 @@ def test_a_table_token_attends_to_its_row_its_column_and_the_frame_alone(tokeniz
     from granite_ray.config import ModelConfig, PretrainMLMConfig
     from granite_ray.data.examples import TokenizeExamples
     from granite_ray.data.tables import Table
-    from granite_ray.encoder import special_frame
-    from granite_ray.model import build_mlm_model, save_artifact
+    from granite_ray.inference.encoder import special_frame
+    from granite_ray.models.modernbert import build_mlm_model, save_artifact
     from granite_ray.objectives.retromae import RetroMAEObjective
 
     torch.manual_seed(0)

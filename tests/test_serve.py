@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, cranfield_texts
+
 from granite_ray.config import ConfigError, ServeConfig, load_config
 from granite_ray.localray import free_port
 
@@ -138,7 +138,7 @@ def test_raw_base64_is_little_endian_float32(http, texts):
 
 def test_long_inputs_are_chunked_and_pooled_on_request(http, texts, minilm_path):
     from granite_ray.config import EncoderConfig
-    from granite_ray.encoder import Encoder
+    from granite_ray.inference.encoder import Encoder
 
     encoder = Encoder(minilm_path, EncoderConfig(chunk_overlap=100))
     for mode in ("chunk-mean", "chunk-max"):
@@ -153,7 +153,7 @@ def test_long_inputs_are_chunked_and_pooled_on_request(http, texts, minilm_path)
 def test_tei_embed_and_embed_sparse_equal_the_models_in_process(http, texts, minilm_path, sparse_path):
     from sentence_transformers import SentenceTransformer
 
-    from granite_ray.encoder import Encoder
+    from granite_ray.inference.encoder import Encoder
 
     tei = http.post("/embed", json={"inputs": texts[:4]}).json()
     np.testing.assert_allclose(tei, SentenceTransformer(minilm_path, device="cpu").encode(texts[:4]), atol=2e-5)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import REPO, SAMPLE
+
 from granite_ray.config import PretrainMLMConfig, load_config
 
 STRATEGIES = {
@@ -17,7 +17,7 @@ STRATEGIES = {
 
 
 def _losses(ray_local, tmp_path, tokenizer_dir, name: str) -> list[float]:
-    from granite_ray.pretrain import run_pretrain_mlm
+    from granite_ray.stages.pretrain import run_pretrain_mlm
 
     out = tmp_path / name
     config = load_config(PretrainMLMConfig, REPO / "configs" / "pretrain_mlm_tiny.yaml", [

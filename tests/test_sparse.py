@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA, cranfield_rows, cranfield_texts
+
 from granite_ray.config import EncoderConfig, EvalConfig, SparseConfig, load_config
 
 
@@ -25,11 +25,11 @@ def _sentence_transformers_splade(path: str):
 @pytest.mark.parametrize("architecture", ["bert", "modernbert"])
 def test_term_weights_and_flops_equal_sentence_transformers_in_value_and_gradient(architecture, tiny_mlm, tiny_artifact):
     from sentence_transformers.sparse_encoder.losses import FlopsLoss
+    from transformers import AutoModelForMaskedLM
 
-    from granite_ray.encoder import packed_splade
+    from granite_ray.inference.encoder import packed_splade
     from granite_ray.losses.sparse import flops_regularizer, norm_regularizer
     from granite_ray.objectives.sparse import SpladeModel
-    from transformers import AutoModelForMaskedLM
 
     path = {"bert": tiny_mlm, "modernbert": tiny_artifact}[architecture]
     texts = cranfield_texts(6)
@@ -83,7 +83,7 @@ def test_inverted_index_ranks_exactly_like_the_dense_product():
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory, tiny_mlm):
-    from granite_ray.retriever import run_embedding_stage
+    from granite_ray.stages.retriever import run_embedding_stage
 
     tmp_path = tmp_path_factory.mktemp("sparse")
     rows = tmp_path / "kd.jsonl"
@@ -100,7 +100,7 @@ def trained(ray_local, tmp_path_factory, tiny_mlm):
 
 
 def test_sparse_stage_regularizers_sparsify_and_sparse_encoder_loads_the_artifact(trained):
-    from granite_ray.encoder import Encoder
+    from granite_ray.inference.encoder import Encoder
 
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(np.isfinite(r["loss"]) for r in records)

@@ -56,7 +56,7 @@ def test_an_object_key_climbing_out_of_the_download_folder_is_refused(tmp_path, 
 
 def test_s3_clients_get_explicit_retries_and_timeouts(monkeypatch):
     """Not the libraries' defaults (3 tries, no timeouts): the config's values, exported for every worker."""
-    from granite_ray.config import StorageConfig
+    from granite_ray.storage import StorageConfig
 
     for name in ("AWS_MAX_ATTEMPTS", "GRANITE_RAY_S3_CONNECT_TIMEOUT", "GRANITE_RAY_S3_REQUEST_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)

@@ -43,10 +43,10 @@ def test_a_tokenizer_without_eos_is_made_to_append_it(smollm2):
 
 def test_packed_decoder_attention_is_causal_within_each_text():
     """A GQA Llama over packed texts gives each text's hidden states as if it ran alone (causally)."""
-    import granite_ray.attention  # noqa: F401
     from transformers import AutoModel, LlamaConfig
 
-    from granite_ray.encoder import packed_hidden_states
+    import granite_ray.models.attention  # noqa: F401
+    from granite_ray.inference.encoder import packed_hidden_states
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -65,10 +65,10 @@ def test_packed_decoder_attention_is_causal_within_each_text():
 
 def test_packed_sliding_window_decoder_attention_equals_each_text_alone():
     """Mistral-style causal attention within a 3-token window, packed: each text as if it ran alone."""
-    import granite_ray.attention  # noqa: F401
     from transformers import AutoModel, MistralConfig
 
-    from granite_ray.encoder import packed_hidden_states
+    import granite_ray.models.attention  # noqa: F401
+    from granite_ray.inference.encoder import packed_hidden_states
 
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -94,7 +94,7 @@ def test_vllm_teacher_scores_pool_the_eos_its_tokenizer_leaves_out(ray_local, tm
     hidden state at EOS (computed here with transformers) and not at the text's last word."""
     from transformers import AutoModel, AutoTokenizer
 
-    from granite_ray.datajobs import run_teacher_scores
+    from granite_ray.stages.datajobs import run_teacher_scores
 
     path, rows = _rows(tmp_path)
     template = "Instruct: {task}\nQuery: {query}"
@@ -128,7 +128,7 @@ def test_train_teacher_trains_with_lora_and_its_artifact_loads_everywhere(ray_lo
     from sentence_transformers import SentenceTransformer
 
     from granite_ray.cli import main
-    from granite_ray.datajobs import run_teacher_scores
+    from granite_ray.stages.datajobs import run_teacher_scores
 
     train_rows = tmp_path / "train.jsonl"
     cranfield_rows(train_rows, negatives=1, limit=16, seed=5)

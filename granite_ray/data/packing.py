@@ -1,7 +1,7 @@
 """Tokenize documents and pack them into fixed-length rows that keep document boundaries.
 
 Every segment in a row is "[CLS] tokens [SEP]" and records its length, so attention can be
-restricted to the segment (see granite_ray.attention). A document longer than the room left
+restricted to the segment (see granite_ray.models.attention). A document longer than the room left
 in a row continues, as its own segment, in the next row: rows fill completely and only the
 last row of each packed batch carries padding.
 """

@@ -17,8 +17,8 @@ from tokenizers import Tokenizer
 from granite_ray.config import PairDataConfig, PassageConfig, split_label
 from granite_ray.data.conversations import format_conversation
 from granite_ray.data.corpus import DropCounter, object_column, read_record_lines, resolve_files
+from granite_ray.data.passages import best_passages
 from granite_ray.data.rows import RowError, parse_lines
-from granite_ray.passages import best_passages
 from granite_ray.tokenizer import CHARS_PER_TOKEN_BOUND, cut_to_tokens
 
 

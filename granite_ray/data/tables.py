@@ -20,7 +20,6 @@ from granite_ray.config import TablesConfig
 from granite_ray.data.corpus import read_record_lines, resolve_files
 from granite_ray.data.rows import RowError, parse_lines
 
-
 BAD_TABLE = "bad_table"  # the reason unreadable tables are counted under
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import ray
 
 from granite_ray import storage
-from granite_ray.errors import UserError
 from granite_ray.data.conversations import format_conversation
-from granite_ray.data.rows import RowError, parse_lines, text_columns
 from granite_ray.data.corpus import iter_record_lines, read_record_lines
+from granite_ray.data.rows import RowError, parse_lines, text_columns
+from granite_ray.errors import UserError
 
 
 class DatasetError(UserError, ValueError):
@@ -46,9 +46,10 @@ def _require(uri: str, what: str) -> bytes:
     return storage.read_bytes(uri)
 
 
-def _jsonl(data: bytes, uri: str) -> list[dict]:
+def read_jsonl(uri: str, what: str = "rows") -> list[dict]:
+    """A whole JSON-lines file (queries, a corpus): a line that is not JSON fails with its file:line."""
     rows = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(_require(uri, what).decode("utf-8").splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -72,7 +73,7 @@ def load_beir(uri: str, split: str = "test", query_format: str = "text") -> Beir
         raise DatasetError(f"corpus not found: {storage.join(uri, 'corpus.jsonl')}")
     queries_uri = storage.join(uri, "queries.jsonl")
     queries = {}
-    for row in _jsonl(_require(queries_uri, "queries"), queries_uri):
+    for row in read_jsonl(queries_uri, "queries"):
         if "_id" not in row or not isinstance(row.get("text"), str):
             raise DatasetError(f"{queries_uri}: every query needs _id and text, got {sorted(row)}")
         if query_format == "conversation":

@@ -14,9 +14,9 @@ import torch
 from granite_ray import storage
 from granite_ray.config import EncoderConfig, EncoderPoolFields
 from granite_ray.data.corpus import object_column
-from granite_ray.encoder import Encoder
 from granite_ray.evaluate.beir import BeirDataset, iter_documents, read_documents
 from granite_ray.evaluate.inverted_index import sparse_rows
+from granite_ray.inference.encoder import Encoder
 from granite_ray.runtime import log
 
 TAG = "granite-ray eval"

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from datasets import Dataset
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models.abs_encoder import AbsEncoder
-from mteb.models.model_meta import ModelMeta
-from mteb.models.model_meta import ScoringFunction
+from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
-from granite_ray import storage
 from granite_ray.config import EncoderConfig
-from granite_ray.encoder import Encoder
-from granite_ray.evaluate.beir import BeirDataset
+from granite_ray.evaluate.beir import BeirDataset, read_jsonl
+from granite_ray.inference.encoder import Encoder
 
 
 class MtebEncoder(AbsEncoder):
@@ -47,7 +43,7 @@ def beir_task(dataset: BeirDataset) -> AbsTaskRetrieval:
         )
 
         def load_data(self, num_proc: int | None = None, **kwargs) -> None:
-            rows = [json.loads(line) for line in storage.read_bytes(dataset.corpus_uri).decode().splitlines() if line.strip()]
+            rows = read_jsonl(dataset.corpus_uri, "corpus")
             corpus = Dataset.from_list([{"id": str(r["_id"]), "title": r.get("title") or "", "text": r.get("text") or ""}
                                         for r in rows])
             queries = Dataset.from_list([{"id": q, "text": t} for q, t in dataset.queries.items()])

@@ -21,8 +21,8 @@ from granite_ray import storage
 from granite_ray.config import ConfigError, EvalConfig, dump_config, split_label
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.encoding import TAG, encode_dataset
-from granite_ray.evaluate.metrics import retrieval_scores
 from granite_ray.evaluate.inverted_index import InvertedIndex
+from granite_ray.evaluate.metrics import retrieval_scores
 from granite_ray.evaluate.search import top_k
 from granite_ray.runtime import init_ray, log
 
@@ -68,8 +68,8 @@ def sparse_search(queries: tuple[list, list], docs: tuple[list, list], k: int) -
 def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: EvalConfig) -> dict[str, dict[str, float]]:
     """Each query's top rerank_top_k re-scored by the cross-encoder; the rest keep their order below them.
     With rerank_passages, a document scores as its best window among those that best match the query."""
-    from granite_ray.passages import WindowIndex, word_windows
-    from granite_ray.rerank import Reranker
+    from granite_ray.data.passages import WindowIndex, word_windows
+    from granite_ray.inference.reranker import Reranker
 
     top = {q: sorted(docs, key=docs.get, reverse=True) for q, docs in run.items()}
     wanted = {d for ranked in top.values() for d in ranked[:config.rerank_top_k]}

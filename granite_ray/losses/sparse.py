@@ -1,6 +1,6 @@
 """Sparsity regularizers of a SPLADE encoder's term weights.
 
-Inputs: term weights [B, vocab] (non-negative, from granite_ray.encoder.packed_splade) of the
+Inputs: term weights [B, vocab] (non-negative, from granite_ray.inference.encoder.packed_splade) of the
 queries, or of the passages, of a batch.
 - FLOPS (Paria et al. 2020, used by SPLADE): sum_j (mean_i w_ij)^2, a smooth proxy for the
   number of floating-point operations of an inverted-index search; it penalises terms that are

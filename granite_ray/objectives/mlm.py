@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from granite_ray.attention import packed_model_inputs
 from granite_ray.config import PretrainMLMConfig
 from granite_ray.data.masking import mask_tokens, replacement_ids
-from granite_ray.model import build_mlm_model, save_artifact
+from granite_ray.models.attention import packed_model_inputs
+from granite_ray.models.modernbert import build_mlm_model, save_artifact
 from granite_ray.tokenizer import SPECIAL_TOKENS
 from granite_ray.train.metrics import encoder_flops_per_token
 

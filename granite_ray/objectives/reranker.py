@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
+import granite_ray.models.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import RerankerConfig
 from granite_ray.data.pairs import TokenizeLists
+from granite_ray.inference.reranker import CrossEncoderModel
 from granite_ray.losses.plistmle import plistmle_loss
-from granite_ray.model import resolve_attn_implementation, set_dropout, write_artifact
-from granite_ray.rerank import CrossEncoderModel
+from granite_ray.models.modernbert import resolve_attn_implementation, set_dropout, write_artifact
 from granite_ray.train.metrics import dense_flops_per_token
 
 

@@ -18,14 +18,20 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModel
 
-import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
+import granite_ray.models.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import ContrastiveConfig, DistillConfig, RetrieverStageConfig
 from granite_ray.data.pairs import TokenizePairs
-from granite_ray.encoder import packed_embeddings, sentence_transformers_settings, special_frame
+from granite_ray.inference.encoder import packed_embeddings, sentence_transformers_settings, special_frame
 from granite_ray.losses.contrastive import improved_contrastive_loss
 from granite_ray.losses.distill import distillation_loss
-from granite_ray.model import resolve_attn_implementation, sentence_transformers_files, set_dropout, set_global_rope_theta, write_artifact
+from granite_ray.models.modernbert import (
+    resolve_attn_implementation,
+    sentence_transformers_files,
+    set_dropout,
+    set_global_rope_theta,
+    write_artifact,
+)
 from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
 
 

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from granite_ray.attention import packed_model_inputs, table_attention
 from granite_ray.config import RetroMAEConfig
 from granite_ray.data.examples import GLOBAL
 from granite_ray.data.masking import IGNORE_INDEX, mask_tokens, replacement_ids
-from granite_ray.encoder import mlm_logits
-from granite_ray.model import ModernBertForFusedMLM, build_mlm_model, save_artifact
+from granite_ray.inference.encoder import mlm_logits
+from granite_ray.models.attention import packed_model_inputs, table_attention
+from granite_ray.models.modernbert import ModernBertForFusedMLM, build_mlm_model, save_artifact
 from granite_ray.train.metrics import dense_flops_per_token, encoder_flops_per_token
 
 

@@ -22,16 +22,16 @@ import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM
 
-import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
+import granite_ray.models.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import SparseConfig, split_label
 from granite_ray.data.corpus import head_records, resolve_files
 from granite_ray.data.pairs import parse_pair
-from granite_ray.encoder import packed_splade, sentence_transformers_settings
+from granite_ray.inference.encoder import packed_splade, sentence_transformers_settings
 from granite_ray.losses.distill import distillation_loss
 from granite_ray.losses.in_batch import in_batch_ranking_loss
 from granite_ray.losses.sparse import flops_regularizer, norm_regularizer
-from granite_ray.model import resolve_attn_implementation, set_dropout, set_global_rope_theta, write_artifact
+from granite_ray.models.modernbert import resolve_attn_implementation, set_dropout, set_global_rope_theta, write_artifact
 from granite_ray.objectives.retriever import pair_rows
 from granite_ray.train.metrics import dense_flops_per_token
 

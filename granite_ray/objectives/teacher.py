@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from granite_ray.config import TrainTeacherConfig
-from granite_ray.model import sentence_transformers_files, write_artifact
+from granite_ray.models.modernbert import sentence_transformers_files, write_artifact
 from granite_ray.objectives.retriever import ContrastiveObjective, load_encoder
 from granite_ray.tokenizer import with_eos
 

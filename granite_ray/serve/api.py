@@ -25,8 +25,7 @@ from starlette.exceptions import HTTPException
 
 from granite_ray.config import ServeConfig
 from granite_ray.serve.errors import InputError, error_body
-from granite_ray.serve.schemas import (OpenAIEmbeddingRequest, RerankRequest, TEIEmbedRequest, TEIRerankRequest,
-                                       TEISparseRequest)
+from granite_ray.serve.schemas import OpenAIEmbeddingRequest, RerankRequest, TEIEmbedRequest, TEIRerankRequest, TEISparseRequest
 
 REPLICA_RETRIES = 3  # a call whose replica died mid-request goes to another replica (inference is idempotent)
 HEALTH_TIMEOUT_S = 10.0

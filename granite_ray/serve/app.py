@@ -21,7 +21,6 @@ from granite_ray.serve.api import Api, Model
 from granite_ray.serve.deployments import Embedder, Reranker, SparseEncoder
 
 
-
 @serve.deployment
 @serve.ingress()
 class Gateway:

@@ -20,13 +20,12 @@ import ray
 import torch
 from ray import serve
 
-from granite_ray import rerank
 from granite_ray.config import EncoderConfig, ServeConfig
-from granite_ray.encoder import Encoder, pool_windows
+from granite_ray.inference import reranker
+from granite_ray.inference.encoder import Encoder, pool_windows
 from granite_ray.serve.batching import TokenBudgetBatcher
 from granite_ray.serve.errors import InputError
 from granite_ray.tokenizer import CHARS_PER_TOKEN_BOUND
-
 
 INTERNAL_LOGGING = {"enable_access_log": False}  # gateway-to-model calls; the gateway logs each HTTP request
 
@@ -168,7 +167,7 @@ class SparseEncoder(EncoderReplica):
 class Reranker:
     def __init__(self, uri: str, config: ServeConfig, threads: int | None = None) -> None:
         use_threads(threads)
-        self.model = rerank.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens,
+        self.model = reranker.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens,
                                      query_max_length=config.rerank_query_max_length)
         self.truncate_by_default = config.long_inputs == "truncate"
         self.max_request_tokens = config.max_request_tokens

@@ -18,9 +18,9 @@ from granite_ray.config import RetroMAEConfig
 from granite_ray.data.corpus import DropCounter, read_corpus, read_record_lines, resolve_files
 from granite_ray.data.examples import TokenizeExamples, summary_rows
 from granite_ray.data.tables import read_tables
-from granite_ray.encoder import special_frame
+from granite_ray.inference.encoder import special_frame
 from granite_ray.runtime import init_ray, log
-from granite_ray.stages import STAGES
+from granite_ray.stages.registry import STAGES
 from granite_ray.tokenizer import load_tokenizer, tokenizer_files
 from granite_ray.train.loop import run_training
 

@@ -11,7 +11,7 @@ from granite_ray.config import SummarizeTablesConfig, TeacherScoresConfig, dump_
 from granite_ray.data.corpus import DropCounter, read_record_lines, resolve_files
 from granite_ray.data.pairs import scoring_rows
 from granite_ray.data.tables import BAD_TABLE, read_tables
-from granite_ray.llm import SummarizeTables, TeacherEmbedder, actor_resources, resolved_backend
+from granite_ray.inference.llm import SummarizeTables, TeacherEmbedder, actor_resources, resolved_backend
 from granite_ray.runtime import init_ray, log
 
 

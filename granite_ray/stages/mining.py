@@ -5,7 +5,7 @@ IVF, optionally in shards); queries are searched in batches, so no query x corpu
 Per query: drop its positives and every candidate scoring above margin x the (lowest) positive's
 score, a likely false negative (`margin=null`: none); keep the `negatives` best of the rest. A second pass over the
 corpus fetches only the texts the output rows name. With `passages`, each long text is written as its
-word window that best matches the row's query (granite_ray.passages), the passage every later stage
+word window that best matches the row's query (granite_ray.data.passages), the passage every later stage
 (teacher, student, reranker) then reads; `rows=per-positive` writes one row per judged positive.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 
 from granite_ray import storage
 from granite_ray.config import MineNegativesConfig, dump_config
+from granite_ray.data.passages import WindowIndex, word_windows
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
 from granite_ray.evaluate.encoding import encode_dataset
-from granite_ray.passages import WindowIndex, word_windows
 from granite_ray.runtime import init_ray, log
 
 TAG = "granite-ray mine"

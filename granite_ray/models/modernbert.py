@@ -12,10 +12,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_outputs import MaskedLMOutput
 
-import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
+import granite_ray.models.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import ModelConfig, StageConfig, dump_config
 from granite_ray.losses.linear_cross_entropy import linear_cross_entropy

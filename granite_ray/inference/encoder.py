@@ -22,10 +22,10 @@ import torch
 import torch.utils.checkpoint
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-import granite_ray.attention  # noqa: F401  (registers sdpa_varlen)
+import granite_ray.models.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import EncoderConfig
-from granite_ray.model import resolve_attn_implementation
+from granite_ray.models.modernbert import resolve_attn_implementation
 
 
 def packed_hidden_states(model: torch.nn.Module, batch: Sequence[Sequence[int]], layer_types: list[str] | None,

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa_varlen")
 

@@ -17,9 +17,9 @@ from transformers import AutoTokenizer
 from granite_ray import storage
 from granite_ray.config import RerankerConfig, RetrieverStageConfig
 from granite_ray.data.pairs import read_pairs, sampling_weights
-from granite_ray.encoder import sentence_transformers_settings
+from granite_ray.inference.encoder import sentence_transformers_settings
 from granite_ray.runtime import init_ray, log
-from granite_ray.stages import STAGES
+from granite_ray.stages.registry import STAGES
 from granite_ray.tokenizer import tokenizer_files
 from granite_ray.train.loop import run_training
 

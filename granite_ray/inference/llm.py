@@ -15,8 +15,8 @@ import numpy as np
 import ray
 
 from granite_ray import storage
-from granite_ray.data.corpus import object_column
 from granite_ray.config import LLMConfig
+from granite_ray.data.corpus import object_column
 from granite_ray.runtime import log
 from granite_ray.tokenizer import with_eos
 
@@ -155,7 +155,7 @@ class TeacherEmbedder:
 
             import torch
 
-            from granite_ray.rerank import Reranker
+            from granite_ray.inference.reranker import Reranker
 
             torch.set_num_threads(max(1, math.ceil(self.config.cpus_per_replica)))
             self.cross_encoder = Reranker(self.config.model, max_length=self.config.max_model_len or 512)

@@ -16,19 +16,14 @@ import torch
 
 from granite_ray import storage
 from granite_ray.config import EncoderConfig, SpeedConfig, dump_config
-from granite_ray.encoder import Encoder
-from granite_ray.evaluate.beir import document_text
+from granite_ray.evaluate.beir import document_text, read_jsonl
+from granite_ray.inference.encoder import Encoder
 
 
 def read_texts(uri: str, max_docs: int | None) -> list[str]:
     """Document texts of a BEIR folder's corpus.jsonl or of a .jsonl file (title + text, as mteb joins them)."""
     path = uri if uri.endswith(".jsonl") else storage.join(uri, "corpus.jsonl")
-    texts = []
-    for line in storage.read_bytes(path).decode("utf-8").splitlines():
-        if line.strip():
-            texts.append(document_text(json.loads(line)))
-            if max_docs and len(texts) >= max_docs:
-                break
+    texts = [document_text(row) for row in read_jsonl(path, "corpus")[:max_docs]]
     if not texts:
         raise ValueError(f"{path}: no documents")
     return texts

@@ -12,13 +12,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from torch import nn
-
 from granite_ray import storage
-from granite_ray.encoder import packed_embeddings
-from granite_ray.model import resolve_attn_implementation
+from granite_ray.inference.encoder import packed_embeddings
+from granite_ray.models.modernbert import resolve_attn_implementation
 from granite_ray.tokenizer import cut_to_tokens
 
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from granite_ray import storage
 from granite_ray.config import MergeConfig, dump_config
-from granite_ray.storage import CONFIG_FILE
 from granite_ray.runtime import log
+from granite_ray.storage import CONFIG_FILE
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

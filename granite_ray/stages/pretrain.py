@@ -11,7 +11,7 @@ from granite_ray.config import DataConfig, PretrainMLMConfig, TokenizerConfig, T
 from granite_ray.data.corpus import read_corpus
 from granite_ray.data.packing import TokenizeAndPack
 from granite_ray.runtime import init_ray, log
-from granite_ray.stages import STAGES
+from granite_ray.stages.registry import STAGES
 from granite_ray.tokenizer import load_tokenizer, save_tokenizer, tokenizer_files, train_tokenizer
 from granite_ray.train.loop import run_training
 

