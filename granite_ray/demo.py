@@ -1,10 +1,11 @@
-"""`granite-ray demo`: the adaptation track, then every stage on the tiny preset, real data, as Ray jobs
-on an embedded local Ray.
+"""`granite-ray demo`: the core of adapting an embedder, then the recipe from scratch on the tiny
+preset, real data, as Ray jobs on an embedded local Ray.
 
-It is `granite-ray pipeline` on configs/pipelines/demo.yaml (which includes configs/pipelines/adapt.yaml),
-with the two real models it needs (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct, from PyPI wheels) filled
-in; it ends with the evaluation tables, the adapted model against its base first, and the HTTP API
-serving the adapted embedder, its reranker and the tiny sparse encoder until Ctrl-C.
+It is `granite-ray pipeline` on configs/pipelines/demo.yaml (which includes
+configs/pipelines/adapt_core.yaml), with the two real models it needs (all-MiniLM-L6-v2 and
+SmolLM2-135M-Instruct, from PyPI wheels) filled in; it ends with the evaluation tables, the adapted
+model against its base first, and the HTTP API serving the adapted embedder and the tiny sparse
+encoder until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_PIPELINE = REPO / "configs" / "pipelines" / "demo.yaml"
 TAG = "demo"
 EVALUATIONS = {  # printed in this order: what adaptation gained first
-    "eval": "all-MiniLM-L6-v2 adapted to fetaqa, on fetaqa test questions no stage trained on",
-    "eval-general": "what the adaptation cost on humaneval, which no stage trained on",
+    "eval-contrastive": "all-MiniLM-L6-v2 adapted to fetaqa: fetaqa test questions (split) and humaneval, which no stage trained on",
     "eval-tiny": "the tiny model pretrained from scratch, on datasets it never trained on",
 }
 
@@ -73,23 +73,20 @@ def run_demo(output: str, overrides: list[str], keep_serving: bool = True) -> No
 def show_endpoints(url: str) -> None:
     """The routes, a curl line per API, and one real call of each to show they answer."""
     embed = {"model": "minilm-fetaqa", "input": ["Which films did Pooja Ramachandran play in?", "| Year | Title | Role |"]}
-    rerank = {"model": "minilm-fetaqa-reranker", "query": "In what films did Pooja Ramachandran play Cathy?",
-              "documents": ["Pooja Ramachandran - Filmography | Year | Film | Role |", "a python function that sorts a list"]}
     sparse = {"inputs": "boundary layer transition"}
-    for route, body in (("/v1/embeddings", embed), ("/v1/rerank", rerank), ("/embed_sparse", sparse)):
+    for route, body in (("/v1/embeddings", embed), ("/embed_sparse", sparse)):
         print(f"curl -s {url}{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
         request = urllib.request.Request(f"{url}{route}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
         print(f"  -> {summarize_answer(route, answer)}", flush=True)
-    log(f"OpenAI /v1/embeddings, Cohere/Jina /v1/rerank, TEI /embed /embed_sparse /rerank, /health and /v1/models at {url}", TAG)
+    log(f"OpenAI /v1/embeddings, TEI /embed /embed_sparse, /health and /v1/models at {url} (a served reranker adds "
+        "Cohere/Jina /v1/rerank and TEI /rerank)", TAG)
 
 
 def summarize_answer(route: str, answer) -> str:
     if route == "/v1/embeddings":
         return f"{len(answer['data'])} embeddings of dimension {len(answer['data'][0]['embedding'])}"
-    if route == "/v1/rerank":
-        return "ranked " + ", ".join(f"#{r['index']} ({r['relevance_score']:.3f})" for r in answer["results"])
     top = sorted(answer[0], key=lambda t: -t["value"])[:5]
     return f"{len(answer[0])} non-zero terms, the largest (token id=weight): " + ", ".join(f"{t['index']}={t['value']:.2f}" for t in top)

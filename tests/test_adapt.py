@@ -107,18 +107,23 @@ def test_the_adapt_pipeline_resolves_offline_with_every_stage_reading_the_split(
     assert stages["eval"]["split"] == "test" and stages["eval"]["datasets"] == [str(tmp_path / "split")]
     assert stages["eval"]["reranked_models"] == ["merged"] and "merged + reranker:base" in stages["eval"]["compare"]
     assert stages["distill"]["model"]["init_from"] == str(tmp_path / "contrastive")
-    assert {stages[s]["data"]["datasets"][0] for s in ("contrastive", "distill", "reranker")} == {str(tmp_path / "teacher" / "scores")}
-    # The demo leads with this pipeline on a fetaqa split, and reranks only the adapted model its reranker
-    # was trained for: neither the tiny models nor the base.
+    assert {stages[s]["data"]["datasets"][0] for s in ("distill", "reranker")} == {str(tmp_path / "teacher" / "scores")}
+    assert stages["contrastive"]["data"]["datasets"] == [str(tmp_path / "mine" / "mined.jsonl")]
+    # adapt.yaml is adapt_core.yaml (run first, its evaluation included) and the teacher's half after it.
+    core = load_config(PipelineConfig, REPO / "configs" / "pipelines" / "adapt_core.yaml", [f"variables.base={minilm_path}"])
+    assert [s.name for s in config.stages][:len(core.stages)] == [s.name for s in core.stages]
+    assert stages["eval-contrastive"]["datasets"] == [str(tmp_path / "split"), str(SHARED_DATA / "humaneval")]
+    # The demo leads with the core on a fetaqa split, the adapted model against its base on test questions.
     demo = load_config(PipelineConfig, REPO / "configs" / "pipelines" / "demo.yaml", [
         f"output_uri={tmp_path / 'demo'}", f"working_dir={REPO}", f"variables.minilm={minilm_path}",
         f"variables.smollm2={minilm_path}", f"variables.data={SHARED_DATA}", f"variables.sample={REPO / 'data' / 'sample'}"])
     demo_stages = {s.name: yaml.safe_load(s.config_yaml) for s in resolve_stages(demo)}
-    assert list(demo_stages)[:len(config.stages)] == [s.name for s in config.stages]
-    assert demo_stages["split"]["dataset"] == str(SHARED_DATA / "fetaqa_dev") and demo_stages["eval"]["split"] == "test"
+    assert list(demo_stages)[:len(core.stages)] == [s.name for s in core.stages]
+    assert demo_stages["split"]["dataset"] == str(SHARED_DATA / "fetaqa_dev")
     assert demo_stages["mine"]["model"] == demo_stages["contrastive"]["model"]["init_from"] == minilm_path
-    assert demo_stages["eval"]["reranked_models"] == ["merged"] and not demo_stages["eval-tiny"]["reranker"]
+    assert demo_stages["eval-contrastive"]["split"] == "test" and demo_stages["eval-contrastive"]["compare"] == ["contrastive:base"]
     assert demo_stages["tiny-contrastive"]["data"]["datasets"] == [str(tmp_path / "demo" / "teacher" / "scores")]
+    assert demo_stages["teacher"]["input_uri"] == str(tmp_path / "demo" / "mine" / "mined.jsonl")
 
 
 def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
