@@ -71,7 +71,7 @@ class PipelineConfig(Section):
     variables: dict[str, str] = Field(default_factory=dict, description="${name} in stage overrides: a value used in "
                                       "many stages (a data root, a teacher model), overridable as variables.name=...")
     include: str | None = Field(None, description="a pipeline file whose stages run first and whose variables are "
-                                "defaults here (the demo includes configs/pipelines/adapt.yaml); local or s3://")
+                                "defaults here (adapt.yaml and the demo include configs/pipelines/adapt_core.yaml); local or s3://")
     stages: list[PipelineStage] = Field(min_length=1)
 
     @model_validator(mode="before")
