@@ -182,3 +182,33 @@ def test_linear_cross_entropy_of_no_rows_is_zero_and_checks_its_targets():
     assert loss.item() == 0.0 and hidden.grad.shape == (0, 8)
     with pytest.raises(ValueError, match="3 hidden rows but 2 targets"):
         linear_cross_entropy(torch.randn(3, 8), torch.randn(20, 8), None, torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("in_batch_weight", [0.0, 1.0, 0.5])
+def test_distillation_with_in_batch_negatives_is_flagembeddings_kl_plus_the_contrastive_loss(st_model, minilm_path, in_batch_weight):
+    """FlagEmbedding's kl_div objective: the teacher's cross-entropy over each row's candidates plus InfoNCE
+    over the batch, both at the temperature's scale. Checked against sentence-transformers' two losses."""
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MultipleNegativesRankingLoss
+
+    from granite_ray.config import DistillConfig
+    from granite_ray.objectives.retriever import DistillObjective
+
+    tau = 0.05
+    config = DistillConfig.model_validate({"model": {"init_from": minilm_path}, "data": {"datasets": ["x"], "negatives": 2},
+                                           "temperature": tau, "in_batch_weight": in_batch_weight})
+    objective = DistillObjective(config, None)
+    q, p, n = _embeddings(seed=4, negatives=2)
+    teacher = torch.rand(q.shape[0], 3, generator=torch.Generator().manual_seed(5))
+    ids = torch.arange(q.shape[0] * 4)
+    inputs = {"rows": q.shape[0], "passage_ids": ids[q.shape[0]:], "query_ids": ids[:q.shape[0]], "teacher": teacher}
+    ours = objective.loss_from_embeddings(torch.cat([q, p, n.reshape(-1, n.shape[-1])]), inputs)
+    columns = [torch.nn.functional.normalize(t, dim=-1) for t in (q, p, n[:, 0], n[:, 1])]
+    kl = DistillKLDivLoss(st_model, temperature=tau).compute_loss_from_embeddings(columns, teacher)
+    if in_batch_weight:
+        infonce = MultipleNegativesRankingLoss(st_model, scale=1 / tau).compute_loss_from_embeddings([q, p, n[:, 0], n[:, 1]], None)
+        expected = kl / tau ** 2 + in_batch_weight * infonce
+    else:
+        expected = kl
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, [q, p, n]), torch.autograd.grad(expected, [q, p, n])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

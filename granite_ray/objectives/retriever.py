@@ -142,17 +142,12 @@ class EmbeddingObjective:
     def loss(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
         return self.loss_from_embeddings(self.embed(model, inputs["sequences"], inputs["device"]), inputs)
 
-    def save_artifact(self, model: torch.nn.Module, uri: str, extra_files: dict[str, bytes]) -> None:
-        write_artifact(model, self.tokenizer, self.config, uri, {**self.module_files, **extra_files})
-
-
-class ContrastiveObjective(EmbeddingObjective):
-    config: ContrastiveConfig
-    teacher_scores = False
-
-    def loss_from_embeddings(self, embeddings: torch.Tensor, inputs: dict) -> torch.Tensor:
+    def in_batch_loss(self, embeddings: torch.Tensor, inputs: dict, gather_across_workers: bool = True,
+                      mask_duplicate_positives: bool = True, **terms: bool) -> torch.Tensor:
+        """GTE's improved contrastive loss over the (global) batch: each query's positive against every
+        passage of it; `terms` (query_query, doc_query, doc_doc) add the GTE partition's other terms."""
         rows, ids = inputs["rows"], inputs["passage_ids"]
-        if self.config.gather_across_workers:
+        if gather_across_workers:
             # One collective for all embeddings: per-tensor gathers could run their backward passes
             # in different orders on different workers and mix up their gradients.
             parts = [self.split(block, rows) for block in gather(embeddings)]
@@ -164,10 +159,21 @@ class ContrastiveObjective(EmbeddingObjective):
             ids, query_ids = ids[None], inputs["query_ids"]
         pos_ids = ids[:, :rows].reshape(-1)
         neg_ids = ids[:, rows:].reshape(-1, self.negatives) if self.negatives else None
+        return improved_contrastive_loss(q, pos, negs, temperature=self.config.temperature, **terms,
+                                         doc_ids=(pos_ids, neg_ids, query_ids) if mask_duplicate_positives else None)
+
+    def save_artifact(self, model: torch.nn.Module, uri: str, extra_files: dict[str, bytes]) -> None:
+        write_artifact(model, self.tokenizer, self.config, uri, {**self.module_files, **extra_files})
+
+
+class ContrastiveObjective(EmbeddingObjective):
+    config: ContrastiveConfig
+    teacher_scores = False
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, inputs: dict) -> torch.Tensor:
         c = self.config
-        return improved_contrastive_loss(q, pos, negs, temperature=c.temperature, query_query=c.query_query,
-                                         doc_query=c.doc_query, doc_doc=c.doc_doc,
-                                         doc_ids=(pos_ids, neg_ids, query_ids) if c.mask_duplicate_positives else None)
+        return self.in_batch_loss(embeddings, inputs, c.gather_across_workers, c.mask_duplicate_positives,
+                                  query_query=c.query_query, doc_query=c.doc_query, doc_doc=c.doc_doc)
 
     def forward_backward(self, strategy, inputs: dict, scale: float, boundary: bool, autocast) -> torch.Tensor:
         """With grad_cache_chunk (GradCache, Gao et al. 2021): embed all texts without a graph, take the
@@ -212,5 +218,10 @@ class DistillObjective(EmbeddingObjective):
         q, pos, negs = self.split(embeddings, inputs["rows"])
         candidates = torch.nn.functional.normalize(torch.cat([pos[:, None], negs], dim=1), dim=-1)
         student = torch.einsum("bd,bnd->bn", torch.nn.functional.normalize(q, dim=-1), candidates)
-        return distillation_loss(student, inputs["teacher"], temperature=self.config.temperature,
-                                 teacher_temperature=self.config.teacher_temperature)
+        c = self.config
+        distill = distillation_loss(student, inputs["teacher"], temperature=c.temperature, teacher_temperature=c.teacher_temperature)
+        if not c.in_batch_weight:
+            return distill
+        # FlagEmbedding's kl_div: the teacher's distribution over the row's candidates plus InfoNCE over the whole
+        # batch, both at the temperature's own scale (distillation_loss is multiplied by tau^2 to be free of it).
+        return distill / c.temperature ** 2 + c.in_batch_weight * self.in_batch_loss(embeddings, inputs)
