@@ -94,6 +94,25 @@ def test_teacher_scores_through_vllm_equal_sentence_transformers(ray_local, tmp_
         np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], (d @ q.T)[:, 0], atol=1e-3)
 
 
+def test_a_teacher_actor_embeds_each_distinct_text_once_and_keeps_the_last_used(minilm_path):
+    """Passages recur as other queries' negatives: the actor embeds what it has not kept, keeps the
+    `vector_cache` texts used last, and scores exactly as without the cache."""
+    from granite_ray.config import LLMConfig
+    from granite_ray.inference.llm import TeacherEmbedder
+
+    settings = LLMConfig(model=minilm_path, max_model_len=128, cpus_per_replica=2).model_dump()
+    cached = TeacherEmbedder(settings, "sentence-transformers", "auto", "{query}", "", vector_cache=3)
+    plain = TeacherEmbedder(settings, "sentence-transformers", "auto", "{query}", "", vector_cache=0)
+    embedded = []
+    embed = cached.embed
+    cached.embed = lambda texts: embedded.append(list(texts)) or embed(texts)
+    batches = [(["q1", "q2"], [["a", "c", "d"], ["b", "a", "c"]]), (["q1"], [["e", "a", "b"]])]
+    for queries, candidates in batches:
+        np.testing.assert_allclose(cached.scores(queries, candidates), plain.scores(queries, candidates), atol=1e-6)
+    # The first batch keeps its last three texts (c, d, b): q1 and a are embedded again, b is not.
+    assert embedded == [["q1", "q2"], ["a", "c", "d", "b"], ["q1"], ["e", "a"]]
+
+
 @pytest.mark.parametrize("index, shards", [("flat", 1), ("ivf", 2)])
 def test_mined_negatives_exclude_positives_and_respect_the_margin(ray_local, tmp_path, minilm_path, index, shards):
     from granite_ray.evaluate.beir import document_text, load_beir

@@ -31,6 +31,9 @@ class TeacherScoresConfig(StageConfig):
     query_template: str = Field("{query}", description='decoder teachers: "Instruct: {task}\nQuery: {query}"')
     task: str = "Given a web search query, retrieve relevant passages that answer the query"
     pooling: Literal["auto", "CLS", "LAST", "MEAN"] = Field("auto", description="auto: the model's own (LAST for decoders)")
+    vector_cache: int = Field(50_000, ge=0, description=(
+        "distinct texts whose vectors each teacher actor keeps, least recently used out (a corpus's passages recur as "
+        "other queries' negatives); 50k 4096-d vectors take 0.8 GB; 0: none"))
     output_uri: str = "outputs/teacher_scores"
 
     _absolute_input = field_validator("input_uri")(absolute_uri)

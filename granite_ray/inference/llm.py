@@ -6,10 +6,12 @@ backend only changes engine settings (KV cache size, eager mode, in-process engi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 
 import numpy as np
 import ray
@@ -144,10 +146,12 @@ class SummarizeTables:
 class TeacherEmbedder:
     """Ray Data actor: a pooling-runner vLLM engine; each row's query vs its candidates by cosine."""
 
-    def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str) -> None:
+    def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str, vector_cache: int = 0) -> None:
         self.config = LLMConfig(**llm_config)
         self.query_template = query_template
         self.task = task
+        self.vector_cache = vector_cache
+        self.vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()  # text digest -> unit vector, least recently used first
         self.rows, self.started, self.reported = 0, time.perf_counter(), time.perf_counter()
         self.llm = self.sentence_transformer = self.cross_encoder = None
         if backend == "cross-encoder":  # R2's reranker lists: the retriever's top candidates ordered by a reranker
@@ -192,11 +196,21 @@ class TeacherEmbedder:
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def embed_distinct(self, texts: list[str]) -> np.ndarray:
-        """Each distinct text embedded once: rows of one query (one per positive) repeat it and its negatives."""
-        distinct = list(dict.fromkeys(texts))
-        vectors = self.embed(distinct)
-        row_of = {text: i for i, text in enumerate(distinct)}
-        return vectors[[row_of[t] for t in texts]]
+        """Each distinct text embedded once: in a batch (rows of one query, one per positive, repeat it and its
+        negatives) and, for the `vector_cache` texts used last, across batches (a corpus's passages come back as
+        other queries' negatives)."""
+        keys = [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts]
+        known = {k: self.vectors[k] for k in keys if k in self.vectors}
+        missing = {k: t for k, t in zip(keys, texts) if k not in known}
+        if missing:
+            known.update(zip(missing, self.embed(list(missing.values()))))
+        if self.vector_cache:
+            for k in dict.fromkeys(keys):
+                self.vectors[k] = known[k]
+                self.vectors.move_to_end(k)
+            while len(self.vectors) > self.vector_cache:
+                self.vectors.popitem(last=False)
+        return np.stack([known[k] for k in keys])
 
     def scores(self, queries: list[str], candidates: list[list[str]]) -> np.ndarray:
         """Each row's candidates scored against its query, flat in row order: cosines of the embedder, or
