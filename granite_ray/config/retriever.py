@@ -84,9 +84,10 @@ class DistillConfig(RetrieverStageConfig):
     stage: Literal["distill", "adapt-conversations"] = "distill"
     data: PairDataConfig
     teacher_temperature: float | None = Field(None, gt=0, description="None: the student's temperature")
-    in_batch_weight: float = Field(0.0, ge=0, description=(
-        "weight of the contrastive loss over every passage of the batch, added to the distillation (FlagEmbedding's "
-        "kl_div adds it at 1); 0: distillation over each row's own candidates only"))
+    in_batch_weight: float = Field(1.0, ge=0, description=(
+        "weight of the contrastive loss over every passage of the batch, added to the distillation (R1's partition "
+        "holds the batch's passages; FlagEmbedding's kl_div adds it at 1); 0: each row's own candidates only, which "
+        "lowered fetaqa's NDCG@10 by 0.021 with all-mpnet-base-v2 teaching, against 0.002 with it"))
 
     @model_validator(mode="after")
     def _needs_negatives(self) -> "DistillConfig":
