@@ -23,10 +23,7 @@ def init_ray(config) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init()  # inside `ray job submit`: the job's runtime_env already applies
     else:
-        # An embedded Ray gets this machine's CPUs and GPUs: a stage that cannot fit is refused before it starts.
-        import torch
-
-        check_cluster_fits(config, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
+        check_fits_this_machine(config)
         ray.init(address="local", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     check_cluster_fits(config, ray.cluster_resources())
@@ -35,6 +32,13 @@ def init_ray(config) -> None:
 # The CPUs a stage's Ray Data steps need beside its workers or encoder actors: each read, parse and
 # tokenize step asks for a quarter CPU, and a pipeline of two of them must be able to run at once.
 DATA_PIPELINE_CPUS = 0.5
+
+
+def check_fits_this_machine(config) -> None:
+    """An embedded Ray gets this machine's CPUs and GPUs: a stage that cannot fit them is refused before it starts."""
+    import torch
+
+    check_cluster_fits(config, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
 
 
 def check_cluster_fits(config, resources: dict[str, float]) -> None:

@@ -94,6 +94,40 @@ def test_teacher_scores_through_vllm_equal_sentence_transformers(ray_local, tmp_
         np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], (d @ q.T)[:, 0], atol=1e-3)
 
 
+def test_an_ensemble_teacher_averages_an_earlier_teachers_scores_in_by_weight(ray_local, tmp_path, minilm_path):
+    """teacher-scores over another teacher-scores output keeps its scores at input_scores_weight; rows
+    without scores fail the job with their file:line."""
+    from sentence_transformers import SentenceTransformer
+
+    from granite_ray.stages.datajobs import run_teacher_scores
+
+    docs = [json.loads(line)["text"] for line in (SHARED_DATA / "cranfield" / "corpus.jsonl").read_text().splitlines()[:9]]
+    queries = [json.loads(line)["text"] for line in (SHARED_DATA / "cranfield" / "queries.jsonl").read_text().splitlines()[:3]]
+    rows = [{"query": q, "pos": [docs[i]], "neg": [docs[i + 3], docs[i + 6]]} for i, q in enumerate(queries)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"llm.model={minilm_path}", "llm.backend=sentence-transformers", "llm.max_model_len=128", "llm.cpus_per_replica=1"]
+    run_teacher_scores(load_config(TeacherScoresConfig, None, [*common, f"input_uri={tmp_path / 'rows.jsonl'}",
+                                                               f"output_uri={tmp_path / 'first'}"]))
+    run_teacher_scores(load_config(TeacherScoresConfig, None, [
+        *common, f"input_uri={tmp_path / 'first' / 'scores'}", f"query_template={json.dumps('query: {query}')}", "input_scores_weight=0.25",
+        f"output_uri={tmp_path / 'ensemble'}"]))
+    st = SentenceTransformer(minilm_path, device="cpu")
+    st.max_seq_length = 128
+    scored = {row["query"]: row for f in sorted((tmp_path / "ensemble" / "scores").glob("*.json*"))
+              for row in map(json.loads, f.read_text().splitlines())}
+    assert sorted(scored) == sorted(queries)
+    for row in rows:
+        d = st.encode(row["pos"] + row["neg"], normalize_embeddings=True)
+        first, second = ((d @ st.encode([template.format(row["query"])], normalize_embeddings=True).T)[:, 0]
+                         for template in ("{}", "query: {}"))
+        got = scored[row["query"]]
+        np.testing.assert_allclose(got["pos_scores"] + got["neg_scores"], 0.25 * first + 0.75 * second, atol=1e-4)
+        assert not np.allclose(first, second, atol=1e-3)  # the two teachers differ: the weight is seen
+    with pytest.raises(Exception, match=r"rows\.jsonl:1: an earlier teacher's scores are averaged in, but this row has no"):
+        run_teacher_scores(load_config(TeacherScoresConfig, None, [*common, f"input_uri={tmp_path / 'rows.jsonl'}",
+                                                                   "input_scores_weight=0.5", f"output_uri={tmp_path / 'bad'}"]))
+
+
 def test_a_teacher_actor_embeds_each_distinct_text_once_and_keeps_the_last_used(minilm_path):
     """Passages recur as other queries' negatives: the actor embeds what it has not kept, keeps the
     `vector_cache` texts used last, and scores exactly as without the cache."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,38 @@ def _broken_copy(tmp_path, name):
     folder = tmp_path / name
     shutil.copytree(SHARED_DATA / "adi", folder)
     return folder
+
+
+@pytest.mark.job  # CLI processes
+def test_one_machine_evaluates_and_mines_without_starting_ray_as_the_actor_pool_does(ray_local, tmp_path, minilm_path):
+    """No cluster joined and a corpus that fits: eval and mine-negatives encode in their own process and
+    start no Ray, with the scores and rows of the Ray Data pool."""
+    from granite_ray.config import MineNegativesConfig
+    from granite_ray.evaluate.run import run_eval
+    from granite_ray.stages.mining import run_mine_negatives
+
+    adi = str(SHARED_DATA / "adi")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    outputs = {}
+    for stage, args in (("eval", [f"models=[minilm={minilm_path}]", f"datasets=[{adi}]"]),
+                        ("mine-negatives", [f"dataset={adi}", "split=test", f"model={minilm_path}", "negatives=3"])):
+        done = subprocess.run([sys.executable, "-m", "granite_ray.cli", stage, *args, f"output_uri={tmp_path / stage}"],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[stage] = done.stdout + done.stderr
+        assert "adi: encoding in the driver" in outputs[stage] and "Started a local Ray instance" not in outputs[stage]
+    run_eval(_eval_config(tmp_path, [f"minilm={minilm_path}"], [adi], "encode_in=actors", f"output_uri={tmp_path / 'pool-eval'}"))
+    driver, pool = (json.loads((tmp_path / out / "results.json").read_text())["results"]["minilm"]["adi"]
+                    for out in ("eval", "pool-eval"))
+    for metric in ("ndcg_at_10", "recall_at_5", "mrr_at_10"):
+        assert driver[metric] == pytest.approx(pool[metric], abs=1e-4)
+    run_mine_negatives(load_config(MineNegativesConfig, None, [
+        f"dataset={adi}", "split=test", f"model={minilm_path}", "negatives=3", "encode_in=actors", "cpus_per_actor=1",
+        f"output_uri={tmp_path / 'pool-mine'}"]))
+    driver, pool = (sorted((json.loads(line) for line in (tmp_path / out / "mined.jsonl").read_text().splitlines()),
+                           key=lambda r: r["query_id"]) for out in ("mine-negatives", "pool-mine"))  # the pool returns queries in any order
+    assert [(r["query_id"], r["pos_ids"], r["neg_ids"]) for r in driver] == [(r["query_id"], r["pos_ids"], r["neg_ids"]) for r in pool]
+    assert [r["neg"] for r in driver] == [r["neg"] for r in pool] and len(driver) == 35
 
 
 def test_missing_qrels_fails_before_any_work(tmp_path):

@@ -190,7 +190,7 @@ def test_eval_reranks_long_documents_by_their_best_passages(trained, tmp_path):
                                             "rerank_top_k=2", "rerank_max_length=128", "rerank_passages.words=40",
                                             "rerank_passages.overlap_words=8", "rerank_passages.per_document=3"])
     run = {q: {"m0": 0.9, "m1": 0.8, "m2": 0.7} for q in queries}
-    reranked = rerank_run(run, dataset, config)
+    reranked = rerank_run(run, dataset, config, in_driver=True)
     reranker = Reranker(str(trained), 128)
     for q, text in queries.items():
         for d in ("m0", "m1"):

@@ -34,6 +34,9 @@ class TeacherScoresConfig(StageConfig):
     vector_cache: int = Field(50_000, ge=0, description=(
         "distinct texts whose vectors each teacher actor keeps, least recently used out (a corpus's passages recur as "
         "other queries' negatives); 50k 4096-d vectors take 0.8 GB; 0: none"))
+    input_scores_weight: float = Field(0.0, ge=0, lt=1, description=(
+        "an ensemble of teachers: input rows that carry an earlier teacher's pos_scores and neg_scores (its "
+        "teacher-scores output) keep them at this weight, this teacher's scores get 1 minus it; 0: this teacher alone"))
     output_uri: str = "outputs/teacher_scores"
 
     _absolute_input = field_validator("input_uri")(absolute_uri)

@@ -10,6 +10,8 @@ truncation at the end drops the oldest turns (Granite R2, conversational adaptat
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import ray
 from tokenizers import Tokenizer
@@ -163,19 +165,30 @@ class TokenizeLists:
                 "types": object_column([types[i * n:(i + 1) * n] for i in range(len(rows))])}
 
 
-def _scoring_row(record, where: str) -> dict:
+def _scoring_row(record, where: str, with_scores: bool = False) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("query"), str) or not isinstance(record.get("pos"), list) \
             or not isinstance(record.get("neg", []), list):
         raise RowError("a row needs query (string), pos and neg (lists of strings)")
-    return {"query": record["query"], "pos": [str(p) for p in record["pos"]], "neg": [str(n) for n in record.get("neg", [])]}
+    row = {"query": record["query"], "pos": [str(p) for p in record["pos"]], "neg": [str(n) for n in record.get("neg", [])]}
+    if with_scores:
+        scores = [record.get("pos_scores"), record.get("neg_scores", [])]
+        if not all(isinstance(s, list) and len(s) == len(row[k]) for s, k in zip(scores, ("pos", "neg"))):
+            raise RowError("an earlier teacher's scores are averaged in, but this row has no pos_scores and neg_scores "
+                           "one per passage (input_uri should be a teacher-scores output)")
+        row["prior_scores"] = [float(s) for s in scores[0] + scores[1]]
+    return row
 
 
-def scoring_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Raw record lines -> {query, pos, neg} for a teacher to score; a malformed row fails the job
-    with its file and line (scores must cover every row the next stage trains on)."""
-    rows = parse_lines(batch, _scoring_row)
-    return {"query": np.array([r["query"] for r in rows], dtype=object),
-            "pos": object_column([r["pos"] for r in rows]), "neg": object_column([r["neg"] for r in rows])}
+def scoring_rows(batch: dict[str, np.ndarray], with_scores: bool = False) -> dict[str, np.ndarray]:
+    """Raw record lines -> {query, pos, neg} for a teacher to score, with `prior_scores` (the row's earlier
+    teacher's, positives first) when `with_scores`; a malformed row fails the job with its file and line
+    (scores must cover every row the next stage trains on)."""
+    rows = parse_lines(batch, partial(_scoring_row, with_scores=with_scores))
+    columns = {"query": np.array([r["query"] for r in rows], dtype=object),
+               "pos": object_column([r["pos"] for r in rows]), "neg": object_column([r["neg"] for r in rows])}
+    if with_scores:
+        columns["prior_scores"] = object_column([r["prior_scores"] for r in rows])
+    return columns
 
 
 def read_pairs(config: PairDataConfig, tokenize: type, tokenize_args: tuple) -> tuple[dict[str, ray.data.Dataset], dict[str, int], object]:

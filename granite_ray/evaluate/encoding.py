@@ -4,6 +4,7 @@ only ids and embeddings back to the driver."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Iterator
 
@@ -17,7 +18,8 @@ from granite_ray.data.corpus import object_column
 from granite_ray.evaluate.beir import BeirDataset, iter_documents, read_documents
 from granite_ray.evaluate.inverted_index import sparse_rows
 from granite_ray.inference.encoder import Encoder
-from granite_ray.runtime import log
+from granite_ray.runtime import check_fits_this_machine, init_ray, log
+from granite_ray.storage import apply_storage_env
 
 TAG = "granite-ray eval"
 
@@ -68,16 +70,44 @@ def _encode_with_actors(model_uri: str, dataset: BeirDataset, config: EncoderPoo
     return encoded.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def encode_in_driver(dataset: BeirDataset, config: EncoderPoolFields) -> bool:
-    """Whether one encoder in this process serves as well as the actor pool: a one-node cluster (no other
-    machine's cores to use), at most one GPU, and a corpus small enough that parallel reading cannot matter.
-    It spares the pool's processes (each holds its own model) and gives torch every core."""
+def encode_in_driver(corpus_uris: list[str], config: EncoderPoolFields) -> bool:
+    """Whether one encoder in this process serves as well as the actor pool: one machine (the cluster joined
+    has one node, or none is joined), at most one GPU, and corpora small enough that parallel reading cannot
+    matter. It spares the pool's processes (each holds its own model) and gives torch every core."""
     if config.encode_in != "auto":
         return config.encode_in == "driver"
-    if len([node for node in ray.nodes() if node["Alive"]]) != 1 or ray.cluster_resources().get("GPU", 0) > 1:
+    if ray.is_initialized():
+        if len([node for node in ray.nodes() if node["Alive"]]) != 1 or ray.cluster_resources().get("GPU", 0) > 1:
+            return False
+    elif torch.cuda.device_count() > 1:
         return False
-    fs, path = storage.resolve(dataset.corpus_uri)
-    return fs.get_file_info(path).size <= config.driver_max_mb * 2**20
+    for uri in corpus_uris:
+        fs, path = storage.resolve(uri)
+        if fs.get_file_info(path).size > config.driver_max_mb * 2**20:
+            return False
+    return True
+
+
+def start_encoding(config, corpus_uris: list[str]) -> bool:
+    """Join the cluster the config names, if any; start an embedded Ray only if the encoder pool needs one.
+    A run encoded in the driver on this machine needs no Ray at all (mining 100k documents: Ray's own
+    processes were two thirds of its memory). Returns whether encoding runs in the driver."""
+    apply_storage_env(config.storage)  # before the corpus sizes are read: they may be on S3
+    if config.ray_address or os.environ.get("RAY_ADDRESS"):
+        init_ray(config)
+    else:
+        check_fits_this_machine(config)  # the same numbers are refused whichever way this run encodes
+    in_driver = encode_in_driver(corpus_uris, config)
+    if not in_driver:
+        init_ray(config)
+    return in_driver
+
+
+def iter_corpus(dataset: BeirDataset, config: EncoderPoolFields, in_driver: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of {id, text}: read in this process for a run encoded in the driver, else streamed by Ray Data."""
+    if in_driver:
+        return iter_documents(dataset)
+    return read_documents(dataset, config.read_tasks).iter_batches(batch_size=4096, batch_format="numpy")
 
 
 def _bounded_slices(texts, rows: int = 256, characters: int = 1 << 20) -> Iterator[tuple[int, int]]:
@@ -93,13 +123,14 @@ def _bounded_slices(texts, rows: int = 256, characters: int = 1 << 20) -> Iterat
         yield start, len(texts)
 
 
-def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields) -> tuple[list[str], Any, list[str], Any]:
+def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFields,
+                   in_driver: bool) -> tuple[list[str], Any, list[str], Any]:
     """(query ids, query embeddings, doc ids, doc embeddings): the corpus streams through one encoder in
-    this process or through the actor pool (`encode_in_driver`), the same EncodeRows either way.
+    this process (`start_encoding` said so) or through the actor pool, the same EncodeRows either way.
     Sparse models' embeddings are (term ids, weights) lists instead of matrices."""
     queries = {"id": np.array(list(dataset.queries), dtype=object), "text": np.array(list(dataset.queries.values()), dtype=object)}
-    if encode_in_driver(dataset, config):
-        threads = int(ray.cluster_resources().get("CPU", 1))
+    if in_driver:
+        threads = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
         log(f"{dataset.name}: encoding in the driver with {threads} threads", TAG)
         encode = EncodeRows(model_uri, config.encoder.model_dump(), threads)
         batches = (encode(_with_kind(kind)({"id": rows["id"][a:b], "text": rows["text"][a:b]}))

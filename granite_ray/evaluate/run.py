@@ -19,19 +19,19 @@ import numpy as np
 
 from granite_ray import storage
 from granite_ray.config import ConfigError, EvalConfig, dump_config, split_label
-from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
-from granite_ray.evaluate.encoding import TAG, encode_dataset
+from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir
+from granite_ray.evaluate.encoding import TAG, encode_dataset, iter_corpus, start_encoding
 from granite_ray.evaluate.inverted_index import InvertedIndex
 from granite_ray.evaluate.metrics import retrieval_scores
 from granite_ray.evaluate.search import top_k
-from granite_ray.runtime import init_ray, log
+from granite_ray.runtime import log
 
 METRICS = ("ndcg_at_10", "recall_at_5", "recall_at_100", "mrr_at_10")
 
 
-def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig, label: str = "") -> dict:
+def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig, in_driver: bool, label: str = "") -> dict:
     started = time.perf_counter()
-    query_ids, queries, doc_ids, docs = encode_dataset(model_uri, dataset, config)
+    query_ids, queries, doc_ids, docs = encode_dataset(model_uri, dataset, config, in_driver)
     if len(set(doc_ids)) != len(doc_ids):
         raise ValueError(f"{dataset.corpus_uri}: document ids are not unique")
     check_qrels_against_corpus(dataset, set(doc_ids))
@@ -47,7 +47,7 @@ def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig, labe
     result = retrieval_scores(dataset.qrels, run) | extra
     result.update(documents=len(doc_ids), encode_seconds=encoded - started, search_seconds=time.perf_counter() - encoded)
     if config.reranker and (config.reranked_models is None or label in config.reranked_models):
-        reranked = rerank_run(run, dataset, config)
+        reranked = rerank_run(run, dataset, config, in_driver)
         result["reranked"] = {**retrieval_scores(dataset.qrels, reranked), "reranker": config.reranker,
                               "top_k": config.rerank_top_k}
         log(f"{dataset.name}: NDCG@10 {result['ndcg_at_10']:.4f} -> {result['reranked']['ndcg_at_10']:.4f} after reranking "
@@ -65,7 +65,8 @@ def sparse_search(queries: tuple[list, list], docs: tuple[list, list], k: int) -
     return [h[0] for h in hits], [h[1] for h in hits], nonzeros
 
 
-def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: EvalConfig) -> dict[str, dict[str, float]]:
+def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: EvalConfig,
+               in_driver: bool) -> dict[str, dict[str, float]]:
     """Each query's top rerank_top_k re-scored by the cross-encoder; the rest keep their order below them.
     With rerank_passages, a document scores as its best window among those that best match the query."""
     from granite_ray.data.passages import WindowIndex, word_windows
@@ -74,7 +75,7 @@ def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: E
     top = {q: sorted(docs, key=docs.get, reverse=True) for q, docs in run.items()}
     wanted = {d for ranked in top.values() for d in ranked[:config.rerank_top_k]}
     texts = {}
-    for batch in read_documents(dataset, config.read_tasks).iter_batches(batch_size=4096, batch_format="numpy"):
+    for batch in iter_corpus(dataset, config, in_driver):
         texts.update((d, t) for d, t in zip(batch["id"], batch["text"]) if d in wanted)
     reranker = Reranker(config.reranker, config.rerank_max_length, query_max_length=config.rerank_query_max_length)
     passages = config.rerank_passages
@@ -244,9 +245,10 @@ def bar_chart_png(results: dict[str, dict[str, dict]], comparisons: list[dict] =
 
 def run_eval(config: EvalConfig) -> str:
     """Evaluate every model on every dataset; write results.json, results.md and ndcg_at_10.png."""
-    init_ray(config)  # first: it exports the config's S3 settings
+    storage.apply_storage_env(config.storage)  # first: the output and the datasets may be on S3
     storage.begin_output(config.output_uri, dump_config(config).encode())
     datasets = [load_beir(uri, config.split, config.query_format) for uri in config.datasets]  # fail on a bad folder before encoding
+    in_driver = start_encoding(config, [d.corpus_uri for d in datasets])
     labels, uris = zip(*(split_label(m) for m in config.models))
     if len(set(labels)) != len(labels):
         raise ConfigError(f"models: labels {list(labels)} repeat; name them as label=path")
@@ -269,7 +271,7 @@ def run_eval(config: EvalConfig) -> str:
                 raise ConfigError("mteb_tasks need engine=mteb")
             for dataset in datasets:
                 log(f"{label} on {dataset.name} ({len(dataset.queries)} queries)", TAG)
-                results[label][dataset.name] = evaluate_beir(model_uri, dataset, config, label)
+                results[label][dataset.name] = evaluate_beir(model_uri, dataset, config, in_driver, label)
                 log(f"{label} on {dataset.name}: " + ", ".join(f"{m} {results[label][dataset.name][m]:.4f}" for m in METRICS), TAG)
     comparisons = compare_systems(results, config) if config.engine == "ray" else []
     table = markdown_table(results) + comparisons_table(comparisons)

@@ -146,11 +146,13 @@ class SummarizeTables:
 class TeacherEmbedder:
     """Ray Data actor: a pooling-runner vLLM engine; each row's query vs its candidates by cosine."""
 
-    def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str, vector_cache: int = 0) -> None:
+    def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str, vector_cache: int = 0,
+                 input_scores_weight: float = 0.0) -> None:
         self.config = LLMConfig(**llm_config)
         self.query_template = query_template
         self.task = task
         self.vector_cache = vector_cache
+        self.input_scores_weight = input_scores_weight
         self.vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()  # text digest -> unit vector, least recently used first
         self.rows, self.started, self.reported = 0, time.perf_counter(), time.perf_counter()
         self.llm = self.sentence_transformer = self.cross_encoder = None
@@ -226,6 +228,9 @@ class TeacherEmbedder:
         queries = [self.query_template.format(query=q, task=self.task) for q in batch["query"]]
         candidates = [list(p) + list(n) for p, n in zip(batch["pos"], batch["neg"])]
         flat_scores = self.scores(queries, candidates)
+        if self.input_scores_weight:  # an ensemble: the earlier teacher's scores, averaged in by weight
+            prior = np.concatenate([np.asarray(s, dtype=np.float64) for s in batch["prior_scores"]])
+            flat_scores = (1 - self.input_scores_weight) * flat_scores + self.input_scores_weight * prior
         pos_scores, neg_scores, start = [], [], 0
         for p, cs in zip(batch["pos"], candidates):
             scores = flat_scores[start:start + len(cs)].astype(float).tolist()

@@ -1,6 +1,7 @@
 """`granite-ray mine-negatives`: hard negatives from a mining embedder's top-k (Granite R2, section 3).
 
-The corpus streams through the encoder actor pool; its embeddings go into a faiss index (flat or
+The corpus streams through one encoder in this process, with no Ray at all when one machine and
+a corpus that fits make that as fast (`encode_in`), or through the encoder actor pool; its embeddings go into a faiss index (flat or
 IVF, optionally in shards); queries are searched in batches, so no query x corpus matrix exists.
 Per query: drop its positives and every candidate scoring above margin x the (lowest) positive's
 score, a likely false negative (`margin=null`: none); keep the `negatives` best of the rest. A second pass over the
@@ -19,9 +20,9 @@ import numpy as np
 from granite_ray import storage
 from granite_ray.config import MineNegativesConfig, dump_config
 from granite_ray.data.passages import WindowIndex, word_windows
-from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir, read_documents
-from granite_ray.evaluate.encoding import encode_dataset
-from granite_ray.runtime import init_ray, log
+from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir
+from granite_ray.evaluate.encoding import encode_dataset, iter_corpus, start_encoding
+from granite_ray.runtime import log
 
 TAG = "granite-ray mine"
 
@@ -84,12 +85,13 @@ def first_queries(dataset: BeirDataset, count: int) -> BeirDataset:
 
 
 def run_mine_negatives(config: MineNegativesConfig) -> str:
-    init_ray(config)  # first: it exports the config's S3 settings
+    storage.apply_storage_env(config.storage)  # first: the output and the dataset may be on S3
     storage.begin_output(config.output_uri, dump_config(config).encode())
     dataset = load_beir(config.dataset, config.split, config.query_format)
     if config.max_queries:
         dataset = first_queries(dataset, config.max_queries)
-    query_ids, queries, doc_ids, docs = encode_dataset(config.model, dataset, config)
+    in_driver = start_encoding(config, [dataset.corpus_uri])
+    query_ids, queries, doc_ids, docs = encode_dataset(config.model, dataset, config, in_driver)
     check_qrels_against_corpus(dataset, set(doc_ids))
     log(f"{len(doc_ids)} documents and {len(query_ids)} queries encoded; building a {config.index} index", TAG)
     index = build_index(docs, config)
@@ -115,7 +117,7 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
     del docs, index
     wanted = {d for r in rows for d in r["pos_ids"] + r["neg_ids"]}
     texts = {}
-    for batch in read_documents(dataset, config.read_tasks).iter_batches(batch_size=4096, batch_format="numpy"):
+    for batch in iter_corpus(dataset, config, in_driver):
         for doc, text in zip(batch["id"], batch["text"]):
             if doc in wanted:
                 texts[doc] = text
