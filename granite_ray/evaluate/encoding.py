@@ -19,7 +19,6 @@ from granite_ray.evaluate.beir import BeirDataset, iter_documents, read_document
 from granite_ray.evaluate.inverted_index import sparse_rows
 from granite_ray.inference.encoder import Encoder
 from granite_ray.runtime import check_fits_this_machine, init_ray, log
-from granite_ray.storage import apply_storage_env
 
 TAG = "granite-ray eval"
 
@@ -91,15 +90,16 @@ def encode_in_driver(corpus_uris: list[str], config: EncoderPoolFields) -> bool:
 def start_encoding(config, corpus_uris: list[str]) -> bool:
     """Join the cluster the config names, if any; start an embedded Ray only if the encoder pool needs one.
     A run encoded in the driver on this machine needs no Ray at all (mining 100k documents peaked at
-    3.40 GiB with Ray, 0.78 GiB without). Returns whether encoding runs in the driver."""
-    apply_storage_env(config.storage)  # before the corpus sizes are read: they may be on S3
-    if config.ray_address or os.environ.get("RAY_ADDRESS"):
+    3.40 GiB with Ray, 0.78 GiB without). The caller has exported the config's S3 settings (corpus sizes
+    may be read from S3). Returns whether encoding runs in the driver."""
+    joins_cluster = bool(config.ray_address or os.environ.get("RAY_ADDRESS"))
+    if joins_cluster:
         init_ray(config)
-    else:
-        check_fits_this_machine(config)  # the same numbers are refused whichever way this run encodes
     in_driver = encode_in_driver(corpus_uris, config)
     if not in_driver:
         init_ray(config)
+    elif not joins_cluster:
+        check_fits_this_machine(config)  # the numbers an embedded Ray would refuse are refused here too
     return in_driver
 
 
