@@ -8,7 +8,8 @@ Queries: a BEIR folder's judged queries split by `granite-ray split-queries` (se
 40% test); the train queries' hard negatives mined by all-MiniLM-L6-v2 (margin 0.95).
 
     python benchmarks/teacher_quality.py [--dataset ../shared/data/humaneval] [--source-split test] [--steps 30]
-        [--batch 16] [--lr 2e-4] [--temperature 0.02] [--rows per-query]
+        [--batch 16] [--lr 2e-4] [--temperature 0.02] [--rows per-query] [--full-weights] [--negatives 1]
+        [--query-max-len 64]
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def main() -> None:
                         help="the contrastive loss's; at 0.02 fetaqa's batches of 8 collapsed to the uniform loss, ln 16")
     parser.add_argument("--rows", choices=["per-query", "per-positive"], default="per-query",
                         help="mined rows: one per train query, or one per judged positive (cranfield: ~8 per query)")
+    parser.add_argument("--full-weights", action="store_true", help="train every weight (lora: null) instead of LoRA")
+    parser.add_argument("--negatives", type=int, default=1, help="mined hard negatives per row; 0: in-batch negatives only")
+    parser.add_argument("--query-max-len", type=int, default=64,
+                        help="training length of instruction + query (humaneval's queries: median 97 tokens + 20 of instruction)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in backward: 16 cranfield rows of 448 tokens keep ~15 GB otherwise")
     parser.add_argument("--work", type=Path, default=None, help="keep the intermediate outputs here")
@@ -104,8 +109,8 @@ def main() -> None:
         rows = work / "mined" / "mined.jsonl"
         baseline = untrained_embedder(llm, work / "untrained", TEMPLATE.removesuffix("{query}").format(task=task))
         started = time.perf_counter()
-        granite("train-teacher", f"model.init_from={llm}", f"data.datasets=[{rows}]", "data.negatives=1",
-                "data.query_max_len=64", "data.passage_max_len=192", f"train.batch_size={args.batch}",
+        granite("train-teacher", f"model.init_from={llm}", f"data.datasets=[{rows}]", f"data.negatives={args.negatives}",
+                f"data.query_max_len={args.query_max_len}", *(["lora=null"] if args.full_weights else []), "data.passage_max_len=192", f"train.batch_size={args.batch}",
                 f"train.max_steps={args.steps}", "train.optimizer=adamw", f"train.lr={args.lr}", "train.schedule=constant",
                 f"temperature={args.temperature}",
                 "train.warmup_fraction=0.1", "train.shuffle_buffer_rows=1024", "train.log_every=5",
@@ -135,7 +140,8 @@ def main() -> None:
                  "the same SmolLM2-135M untrained (EOS last-token pooling, same instruction)",
                  dataset=args.dataset.name, test_queries=test["queries"], train_rows=stats["rows"], rows=args.rows,
                  gradient_checkpointing=args.gradient_checkpointing, steps=args.steps,
-                 batch=args.batch, lr=args.lr, temperature=args.temperature, lora_rank=16, train_seconds=train_seconds,
+                 batch=args.batch, lr=args.lr, temperature=args.temperature, lora_rank=None if args.full_weights else 16,
+                 negatives=args.negatives, query_max_len=args.query_max_len, train_seconds=train_seconds,
                  difference=test["mean_difference"], ci_low=test["ci_low"], ci_high=test["ci_high"], p_value=test["p_value"],
                  minilm_ndcg_at_10=scores["minilm"], vllm_vs_sentence_transformers_max_abs=vllm_vs_st,
                  distill_from_teacher_losses=distill_loss, model="SmolLM2-135M-Instruct")
