@@ -166,3 +166,22 @@ def test_the_teacher_template_must_end_with_the_query():
     with pytest.raises(ValueError, match="must end with"):
         TrainTeacherConfig.model_validate({"model": {"init_from": "/m"}, "data": {"datasets": ["/d"]},
                                            "query_template": "{query} (search)"})
+
+
+def test_training_flops_per_token_agree_with_torchs_counter_in_full_and_frozen_training():
+    """MFU's numerator: a frozen weight (LoRA's base) costs no weight gradient, so 4 FLOPs per token
+    instead of 6; checked against torch's own FLOP counter over a forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from granite_ray.train.metrics import dense_flops_per_token
+
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 32), torch.nn.Linear(32, 64, bias=False), torch.nn.GELU(),
+                                torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(48, 32, bias=False))
+    tokens = torch.randint(0, 100, (4, 16))
+    for frozen in ([], [model[3]]):
+        for layer in frozen:
+            layer.weight.requires_grad_(False)
+        with FlopCounterMode(display=False) as counter:
+            model(tokens).sum().backward()
+        assert counter.get_total_flops() / tokens.numel() == dense_flops_per_token(model)
+    assert dense_flops_per_token(model) == 6 * (32 * 64 + 48 * 32) + 4 * 64 * 48
