@@ -230,7 +230,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _log(f"resumed from step {state['step']}")
 
     log = MetricsLog(storage.join(config.storage_path, config.run_name), state["step"]) if rank == 0 else None
-    peak = peak_flops(device, tc.peak_flops or (None if device.type == "cuda" else loop_config["cpu_peak_flops"]))
+    peak = peak_flops(device, tc.peak_flops or loop_config["cpu_peak_flops"])  # None on GPUs: the table
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     dataset_weights = loop_config["dataset_weights"]
