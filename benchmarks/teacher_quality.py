@@ -7,9 +7,12 @@ drive a distillation run.
 Queries: a BEIR folder's judged queries split by `granite-ray split-queries` (seed 0: 50% train,
 40% test); the train queries' hard negatives mined by all-MiniLM-L6-v2 (margin 0.95).
 
-    python benchmarks/teacher_quality.py [--dataset ../shared/data/humaneval] [--source-split test] [--steps 30]
-        [--batch 16] [--lr 2e-4] [--temperature 0.02] [--rows per-query] [--full-weights] [--negatives 1]
-        [--query-max-len 64]
+    python benchmarks/teacher_quality.py [--dataset ../shared/data/humaneval] [--source-split test] [--steps 60]
+        [--batch 16] [--lr 3e-5] [--temperature 0.05] [--rows per-query] [--full-weights | --no-full-weights]
+        [--negatives 0] [--query-max-len 160]
+
+The defaults are the settings measured to gain on humaneval (+0.114, p = 0.005); 30 LoRA steps at 2e-4
+with queries cut to 64 tokens gained nothing.
 """
 
 from __future__ import annotations
@@ -77,16 +80,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=REPO.parent / "shared" / "data" / "humaneval")
     parser.add_argument("--source-split", default="test", help="the qrels file whose queries are split (fetaqa_dev: dev)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--temperature", type=float, default=0.02,
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--temperature", type=float, default=0.05,
                         help="the contrastive loss's; at 0.02 fetaqa's batches of 8 collapsed to the uniform loss, ln 16")
     parser.add_argument("--rows", choices=["per-query", "per-positive"], default="per-query",
                         help="mined rows: one per train query, or one per judged positive (cranfield: ~8 per query)")
-    parser.add_argument("--full-weights", action="store_true", help="train every weight (lora: null) instead of LoRA")
-    parser.add_argument("--negatives", type=int, default=1, help="mined hard negatives per row; 0: in-batch negatives only")
-    parser.add_argument("--query-max-len", type=int, default=64,
+    parser.add_argument("--full-weights", action=argparse.BooleanOptionalAction, default=True,
+                        help="train every weight (lora: null); --no-full-weights: LoRA rank 16")
+    parser.add_argument("--negatives", type=int, default=0, help="mined hard negatives per row; 0: in-batch negatives only")
+    parser.add_argument("--query-max-len", type=int, default=160,
                         help="training length of instruction + query (humaneval's queries: median 97 tokens + 20 of instruction)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in backward: 16 cranfield rows of 448 tokens keep ~15 GB otherwise")
@@ -110,7 +114,8 @@ def main() -> None:
         baseline = untrained_embedder(llm, work / "untrained", TEMPLATE.removesuffix("{query}").format(task=task))
         started = time.perf_counter()
         granite("train-teacher", f"model.init_from={llm}", f"data.datasets=[{rows}]", f"data.negatives={args.negatives}",
-                f"data.query_max_len={args.query_max_len}", *(["lora=null"] if args.full_weights else []), "data.passage_max_len=192", f"train.batch_size={args.batch}",
+                f"data.query_max_len={args.query_max_len}", "data.passage_max_len=192", f"train.batch_size={args.batch}",
+                *(["lora=null"] if args.full_weights else []),
                 f"train.max_steps={args.steps}", "train.optimizer=adamw", f"train.lr={args.lr}", "train.schedule=constant",
                 f"temperature={args.temperature}",
                 "train.warmup_fraction=0.1", "train.shuffle_buffer_rows=1024", "train.log_every=5",
