@@ -131,9 +131,6 @@ class EncoderConfig(Section):
     chunk_overlap: int = Field(100, ge=0)
     attn_implementation: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    cpu_library: Literal["auto", "mkl", "onednn"] = Field(
-        "auto", description="fp32 matrix products on CPU: MKL, oneDNN with prepacked weights, or auto: the faster "
-                            "of the two on this CPU for the model's shapes, measured at load")
 
 
 class EncoderPoolFields(BaseModel):

@@ -16,7 +16,6 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from granite_ray import storage
-from granite_ray.inference.cpu_linear import use_cpu_library
 from granite_ray.inference.encoder import packed_embeddings
 from granite_ray.models.modernbert import resolve_attn_implementation
 from granite_ray.tokenizer import cut_to_tokens
@@ -33,8 +32,6 @@ class Reranker:
         if model.config.num_labels != 1:
             raise ValueError(f"{path}: a reranker has one output label, this model has {model.config.num_labels}")
         self.model = CrossEncoderModel(model.to(self.device).eval())
-        if self.device.type == "cpu":
-            use_cpu_library(model, "auto", token_budget)
         self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
         self.token_budget = token_budget
         self.query_max_length = query_max_length
