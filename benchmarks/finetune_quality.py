@@ -4,12 +4,13 @@ evaluated by `granite-ray eval` on the same test queries, which no step trained 
 
 Rows: a BEIR folder's judged queries split by `granite-ray split-queries` (seed 0: 50% train, 40%
 test); the train queries' hard negatives mined by the base model (`mine-negatives`, one row per
-judged positive, 3 negatives used). Both trainers see (query, positive, 3 negatives) rows, batches
+judged positive, 3 negatives used; candidates above 0.95 x the positive's score dropped as likely
+unjudged positives, the mining job's default, as in the adapt pipeline; `--margin none` keeps them). Both trainers see (query, positive, 3 negatives) rows, batches
 without duplicate texts (sentence-transformers' NO_DUPLICATES sampler; ours masks in-batch copies of
 a positive and shuffles rows), AdamW at a constant 2e-5 after 10% warm-up, weight decay 0.01,
 temperature 0.05 (scale 20), 256 tokens per passage.
 
-    python benchmarks/finetune_quality.py [--dataset ../shared/data/cranfield] [--steps 60] [--batch 32]
+    python benchmarks/finetune_quality.py [--dataset ../shared/data/cranfield] [--steps 60] [--batch 32] [--margin 0.95]
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def granite(*args: str) -> None:
         raise SystemExit(f"granite-ray {args[0]} failed")
 
 
-def prepare(dataset: Path, work: Path) -> Path:
+def prepare(dataset: Path, work: Path, margin: str) -> Path:
     granite("split-queries", f"dataset={dataset}", "seed=0", f"output_uri={work / 'split'}")
-    granite("mine-negatives", f"dataset={work / 'split'}", "split=train", f"model={minilm()}", "negatives=7", "margin=null",
+    granite("mine-negatives", f"dataset={work / 'split'}", "split=train", f"model={minilm()}", "negatives=7",
+            f"margin={'null' if margin == 'none' else margin}",
             "rows=per-positive", "encoder.max_length=256", "encode_actors=1", "cpus_per_actor=1.5",
             f"output_uri={work / 'mined'}")
     return work / "mined" / "mined.jsonl"
@@ -103,12 +105,13 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=REPO.parent / "shared" / "data" / "cranfield")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--margin", default="0.95", help="mining margin (x the positive's score), or none")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["RAY_ADDRESS"] = ""  # each command on its own embedded Ray, all of this machine's cores
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = prepare(args.dataset.resolve(), work)
+        rows = prepare(args.dataset.resolve(), work, args.margin)
         train_rows = len(rows.read_text().splitlines())
         st = theirs(args, rows, work)
         print(f"sentence-transformers: {st['pairs_per_s']:.2f} pairs/s, {st['seconds']:.0f} s", flush=True)
@@ -128,7 +131,7 @@ def main() -> None:
                  "sentence-transformers trainer + MultipleNegativesRankingLoss (hard negatives, NO_DUPLICATES)",
                  dataset=args.dataset.name, base_ndcg_at_10=scores["base"], test_queries=evaluated["comparisons"][0]["queries"],
                  train_rows=train_rows, steps=args.steps, batch=args.batch,
-                 negatives=NEGATIVES, lr=LR, ours_pairs_per_s=mine["pairs_per_s"], baseline_pairs_per_s=st["pairs_per_s"],
+                 negatives=NEGATIVES, mining_margin=None if args.margin == "none" else float(args.margin), lr=LR, ours_pairs_per_s=mine["pairs_per_s"], baseline_pairs_per_s=st["pairs_per_s"],
                  pairs_per_s_ratio=mine["pairs_per_s"] / st["pairs_per_s"], ours_seconds=mine["seconds"],
                  baseline_seconds=st["seconds"], paired_tests=tests, model="all-MiniLM-L6-v2")
 
