@@ -14,14 +14,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
+    cpu, flags = platform.processor() or "cpu", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or "cpu"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    # Hosts that share a model name ("AMD EPYC") differ in vector width, which moves every CPU figure.
+    widest = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    cpu = f"{cpu} ({widest})" if widest else cpu
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{os.cpu_count()} cores {cpu}, {mem_gib:.0f} GiB RAM, no GPU" if not _has_gpu() else f"{cpu} + GPU"
 
