@@ -14,16 +14,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    cpu, flags = platform.processor() or "cpu", set()
+    first: dict[str, str] = {}  # each /proc/cpuinfo field of the first processor
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == (platform.processor() or "cpu"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+            key, _, value = line.partition(":")
+            first.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu, flags = first.get("model name") or platform.processor() or "cpu", set(first.get("flags", "").split())
     # Hosts that share a model name ("AMD EPYC") differ in vector width, which moves every CPU figure.
     widest = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
     cpu = f"{cpu} ({widest})" if widest else cpu

@@ -5,9 +5,10 @@ evaluated by `granite-ray eval` on the same test queries, which no step trained 
 Rows: a BEIR folder's judged queries split by `granite-ray split-queries` (seed 0: 50% train, 40%
 test); the train queries' hard negatives mined by the base model (`mine-negatives`, one row per
 judged positive, 3 negatives used; candidates above 0.95 x the positive's score dropped as likely
-unjudged positives, the mining job's default, as in the adapt pipeline; `--margin none` keeps them). Both trainers see (query, positive, 3 negatives) rows, batches
-without duplicate texts (sentence-transformers' NO_DUPLICATES sampler; ours masks in-batch copies of
-a positive and shuffles rows), AdamW at a constant 2e-5 after 10% warm-up, weight decay 0.01,
+unjudged positives, the mining job's default, as in the adapt pipeline; `--margin none` keeps them).
+Both trainers see (query, positive, 3 negatives) rows, batches without duplicate texts
+(sentence-transformers' NO_DUPLICATES sampler; ours masks in-batch copies of a positive and shuffles
+rows), AdamW at a constant 2e-5 after 10% warm-up, weight decay 0.01,
 temperature 0.05 (scale 20), 256 tokens per passage.
 
     python benchmarks/finetune_quality.py [--dataset ../shared/data/cranfield] [--steps 60] [--batch 32] [--margin 0.95]
@@ -131,7 +132,8 @@ def main() -> None:
                  "sentence-transformers trainer + MultipleNegativesRankingLoss (hard negatives, NO_DUPLICATES)",
                  dataset=args.dataset.name, base_ndcg_at_10=scores["base"], test_queries=evaluated["comparisons"][0]["queries"],
                  train_rows=train_rows, steps=args.steps, batch=args.batch,
-                 negatives=NEGATIVES, mining_margin=None if args.margin == "none" else float(args.margin), lr=LR, ours_pairs_per_s=mine["pairs_per_s"], baseline_pairs_per_s=st["pairs_per_s"],
+                 negatives=NEGATIVES, mining_margin=None if args.margin == "none" else float(args.margin), lr=LR,
+                 ours_pairs_per_s=mine["pairs_per_s"], baseline_pairs_per_s=st["pairs_per_s"],
                  pairs_per_s_ratio=mine["pairs_per_s"] / st["pairs_per_s"], ours_seconds=mine["seconds"],
                  baseline_seconds=st["seconds"], paired_tests=tests, model="all-MiniLM-L6-v2")
 
