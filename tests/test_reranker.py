@@ -174,7 +174,7 @@ def test_eval_reranks_long_documents_by_their_best_passages(trained, tmp_path):
     from granite_ray.config import EvalConfig
     from granite_ray.data.passages import best_passages
     from granite_ray.evaluate.beir import load_beir
-    from granite_ray.evaluate.run import rerank_run
+    from granite_ray.evaluate.run import rerank_scores
     from granite_ray.inference.reranker import Reranker
 
     docs = [json.loads(line) for line in (SHARED_DATA / "cranfield" / "corpus.jsonl").read_text().splitlines()[:30]]
@@ -190,11 +190,75 @@ def test_eval_reranks_long_documents_by_their_best_passages(trained, tmp_path):
                                             "rerank_top_k=2", "rerank_max_length=128", "rerank_passages.words=40",
                                             "rerank_passages.overlap_words=8", "rerank_passages.per_document=3"])
     run = {q: {"m0": 0.9, "m1": 0.8, "m2": 0.7} for q in queries}
-    reranked = rerank_run(run, dataset, config, in_driver=True)
+    reranked = rerank_scores(run, dataset, config, in_driver=True)
     reranker = Reranker(str(trained), 128)
     for q, text in queries.items():
+        assert sorted(reranked[q]) == ["m0", "m1"]  # the top 2 only
         for d in ("m0", "m1"):
             windows = best_passages(text, long_docs[d], 40, 8, 3)
             assert len(windows) == 3 and all(len(w.split()) <= 40 for w in windows)
             assert reranked[q][d] == pytest.approx(float(reranker.score([(text, w) for w in windows]).max()), abs=1e-5)
-        assert reranked[q]["m2"] < min(reranked[q]["m0"], reranked[q]["m1"])  # below the reranked top 2
+
+
+def test_fusion_interpolates_standardised_scores_and_keeps_the_rest_below():
+    """weight 1: the reranker's order; 0: the retriever's; between: a hand-computed interpolation of the
+    scores standardised over the reranked documents. Documents past the top k stay below, in retrieval order."""
+    from granite_ray.evaluate.metrics import ranked
+    from granite_ray.evaluate.run import fuse
+
+    run = {"q": {"a": 0.9, "b": 0.8, "c": 0.5, "d": 0.4, "e": 0.3}}
+    reranker_scores = {"q": {"a": -1.0, "b": 3.0, "c": 2.0}}  # the top 3 re-scored
+    assert ranked(fuse(run, reranker_scores, 1.0, ["q"])["q"]) == ["b", "c", "a", "d", "e"]
+    assert ranked(fuse(run, reranker_scores, 0.0, ["q"])["q"]) == ["a", "b", "c", "d", "e"]
+    # retriever 0.9, 0.8, 0.5: mean 0.7333, std 0.1700 -> z = 0.980, 0.392, -1.373
+    # reranker -1, 3, 2: mean 1.3333, std 1.6997 -> z = -1.373, 0.980, 0.392
+    half = fuse(run, reranker_scores, 0.5, ["q"])["q"]
+    assert half["a"] == pytest.approx(0.5 * (-1.3728) + 0.5 * 0.9806, abs=1e-3)
+    assert half["b"] == pytest.approx(0.5 * 0.9806 + 0.5 * 0.3922, abs=1e-3)
+    assert ranked(half) == ["b", "a", "c", "d", "e"]
+    fused = fuse(run, reranker_scores, 0.3, ["q"])["q"]
+    assert max(fused["d"], fused["e"]) < min(fused[d] for d in "abc") and fused["d"] > fused["e"]
+
+
+def test_rerank_weight_is_never_chosen_on_the_evaluated_split(minilm_path):
+    from granite_ray.config import ConfigError, EvalConfig
+
+    for overrides, message in ((["rerank_weight_split=test"], "evaluated split"),
+                               (["reranker=null", "rerank_weight_split=dev"], "no reranker")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(EvalConfig, None, [f"models=[{minilm_path}]", f"datasets=[{SHARED_DATA / 'humaneval'}]",
+                                           f"reranker={minilm_path}", *overrides])
+
+
+def test_eval_chooses_the_reranker_weight_on_the_dev_queries(trained, tmp_path, minilm_path):
+    """rerank_weight_split=dev: the weight with the best dev NDCG@10 (each weight's figure equal to a dev
+    evaluation at that weight), then applied to the test queries, which take no part in the choice."""
+    from granite_ray.config import EvalConfig
+    from granite_ray.evaluate.run import WEIGHT_GRID, run_eval
+
+    folder = tmp_path / "humaneval"
+    (folder / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (folder / name).symlink_to(SHARED_DATA / "humaneval" / name)
+    header, *judgements = (SHARED_DATA / "humaneval" / "qrels" / "test.tsv").read_text().splitlines()
+    (folder / "qrels" / "dev.tsv").write_text("\n".join([header, *judgements[:60]]) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("\n".join([header, *judgements[60:]]) + "\n")
+
+    def evaluate(name: str, *overrides: str) -> dict:
+        run_eval(load_config(EvalConfig, None, [
+            f"models=[{minilm_path}]", f"datasets=[{folder}]", f"reranker={trained}", "rerank_top_k=5",
+            "rerank_max_length=128", "encode_actors=2", "cpus_per_actor=0.75", f"output_uri={tmp_path / name}", *overrides]))
+        (per_model,) = json.loads((tmp_path / name / "results.json").read_text())["results"].values()
+        return per_model["humaneval"]
+
+    tuned = evaluate("tuned", "rerank_weight_split=dev")["reranked"]
+    on_dev = tuned["weight_chosen_on"]["ndcg_at_10"]
+    assert tuned["weight_chosen_on"]["queries"] == 60 and tuned["queries"] == 104
+    assert list(on_dev) == [f"{w:.1f}" for w in WEIGHT_GRID]
+    assert on_dev[f"{tuned['weight']:.1f}"] == max(on_dev.values())
+    dev_alone = evaluate("dev", "split=dev", "rerank_weight=1.0")
+    assert on_dev["1.0"] == pytest.approx(dev_alone["reranked"]["ndcg_at_10"], abs=1e-9)
+    assert on_dev["0.0"] == pytest.approx(dev_alone["ndcg_at_10"], abs=1e-9)  # weight 0: the retriever's order
+    assert on_dev["1.0"] != pytest.approx(on_dev["0.0"], abs=1e-4)
+    test_at_weight = evaluate("test", f"rerank_weight={tuned['weight']}")["reranked"]
+    assert tuned["ndcg_at_10"] == pytest.approx(test_at_weight["ndcg_at_10"], abs=1e-9)

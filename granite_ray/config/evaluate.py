@@ -27,6 +27,11 @@ class EvalConfig(StageConfig, EncoderPoolFields):
     rerank_passages: PassageConfig | None = Field(None, description="None: the reranker reads each document's beginning")
     reranked_models: list[str] | None = Field(None, description=(
         "labels of the models whose top rerank_top_k the reranker re-scores (those it was trained for); None: every model"))
+    rerank_weight: float = Field(1.0, ge=0, le=1, description=(
+        "the reranker's share of a reranked document's score, the retriever's the rest (each standardised over the "
+        "query's top rerank_top_k); 1: the reranker's order alone"))
+    rerank_weight_split: str | None = Field(None, description=(
+        "choose rerank_weight on this split's queries (e.g. dev) from 0, 0.1, .. 1 by NDCG@10; never the evaluated split"))
     compare: list[str] | None = Field(None, description=(
         'paired tests "system:baseline" by label ("label + reranker" for a reranked run); None: every model against the '
         "first, and every reranked run against its retriever"))
@@ -39,6 +44,11 @@ class EvalConfig(StageConfig, EncoderPoolFields):
     def _has_work(self) -> "EvalConfig":
         if not self.datasets and not self.mteb_tasks:
             raise ValueError("datasets: give at least one BEIR folder (or mteb_tasks)")
+        if self.rerank_weight_split is not None and not self.reranker:
+            raise ValueError("rerank_weight_split: there is no reranker to weigh; set reranker")
+        if self.rerank_weight_split == self.split:
+            raise ValueError(f"rerank_weight_split: {self.split!r} is the evaluated split; choose the weight on another "
+                             "(e.g. dev), never on the queries it is measured on")
         return self
 
     _absolute_models = field_validator("models")(lambda uris: [labelled_absolute(u) for u in uris])

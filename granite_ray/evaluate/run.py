@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -29,9 +30,14 @@ from granite_ray.runtime import log
 METRICS = ("ndcg_at_10", "recall_at_5", "recall_at_100", "mrr_at_10")
 
 
-def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig, in_driver: bool, label: str = "") -> dict:
+def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig, in_driver: bool, label: str = "",
+                  tuning: BeirDataset | None = None) -> dict:
+    """Metrics of one model on one dataset's split; reranked too when the reranker is for this model, its weight
+    chosen on `tuning`'s queries (another split, searched with the same corpus encoding) when given."""
     started = time.perf_counter()
-    query_ids, queries, doc_ids, docs = encode_dataset(model_uri, dataset, config, in_driver)
+    reranking = bool(config.reranker) and (config.reranked_models is None or label in config.reranked_models)
+    searched = replace(dataset, queries=dataset.queries | tuning.queries) if reranking and tuning else dataset
+    query_ids, queries, doc_ids, docs = encode_dataset(model_uri, searched, config, in_driver)
     if len(set(doc_ids)) != len(doc_ids):
         raise ValueError(f"{dataset.corpus_uri}: document ids are not unique")
     check_qrels_against_corpus(dataset, set(doc_ids))
@@ -46,10 +52,21 @@ def evaluate_beir(model_uri: str, dataset: BeirDataset, config: EvalConfig, in_d
     run = {q: {doc_ids[j]: float(s) for s, j in zip(scores[i], index[i])} for i, q in enumerate(query_ids)}
     result = retrieval_scores(dataset.qrels, run) | extra
     result.update(documents=len(doc_ids), encode_seconds=encoded - started, search_seconds=time.perf_counter() - encoded)
-    if config.reranker and (config.reranked_models is None or label in config.reranked_models):
-        reranked = rerank_run(run, dataset, config, in_driver)
+    if reranking:
+        reranker_scores = rerank_scores(run, searched, config, in_driver)
+        weight, tuned = config.rerank_weight, {}
+        if tuning:
+            tuned = {w: retrieval_scores(tuning.qrels, fuse(run, reranker_scores, w, tuning.queries))["ndcg_at_10"]
+                     for w in WEIGHT_GRID}
+            weight = max(reversed(WEIGHT_GRID), key=tuned.get)  # ties: the larger share for the reranker
+            log(f"{dataset.name}: reranker weight {weight} chosen on {len(tuning.queries)} {tuning.split} queries "
+                f"(NDCG@10 {tuned[weight]:.4f}; reranker alone {tuned[1.0]:.4f}, retriever alone {tuned[0.0]:.4f})", TAG)
+        reranked = fuse(run, reranker_scores, weight, dataset.queries)
         result["reranked"] = {**retrieval_scores(dataset.qrels, reranked), "reranker": config.reranker,
-                              "top_k": config.rerank_top_k}
+                              "top_k": config.rerank_top_k, "weight": weight}
+        if tuned:
+            result["reranked"]["weight_chosen_on"] = {"split": tuning.split, "queries": len(tuning.queries),
+                                                      "ndcg_at_10": {f"{w:.1f}": v for w, v in tuned.items()}}
         log(f"{dataset.name}: NDCG@10 {result['ndcg_at_10']:.4f} -> {result['reranked']['ndcg_at_10']:.4f} after reranking "
             f"the top {config.rerank_top_k}", TAG)
     return result
@@ -65,15 +82,15 @@ def sparse_search(queries: tuple[list, list], docs: tuple[list, list], k: int) -
     return [h[0] for h in hits], [h[1] for h in hits], nonzeros
 
 
-def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: EvalConfig,
-               in_driver: bool) -> dict[str, dict[str, float]]:
-    """Each query's top rerank_top_k re-scored by the cross-encoder; the rest keep their order below them.
-    With rerank_passages, a document scores as its best window among those that best match the query."""
+def rerank_scores(run: dict[str, dict[str, float]], dataset: BeirDataset, config: EvalConfig,
+                  in_driver: bool) -> dict[str, dict[str, float]]:
+    """The cross-encoder's score of each query's top rerank_top_k documents. With rerank_passages, a document
+    scores as its best window among those that best match the query."""
     from granite_ray.data.passages import WindowIndex, word_windows
     from granite_ray.inference.reranker import Reranker
 
-    top = {q: sorted(docs, key=docs.get, reverse=True) for q, docs in run.items()}
-    wanted = {d for ranked in top.values() for d in ranked[:config.rerank_top_k]}
+    top = {q: sorted(docs, key=docs.get, reverse=True)[:config.rerank_top_k] for q, docs in run.items()}
+    wanted = {d for ranked in top.values() for d in ranked}
     texts = {}
     for batch in iter_corpus(dataset, config, in_driver):
         texts.update((d, t) for d, t in zip(batch["id"], batch["text"]) if d in wanted)
@@ -84,7 +101,7 @@ def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: E
     pairs, owners = [], []
     for q, ranked in top.items():
         query = dataset.queries[q]
-        for d in ranked[:config.rerank_top_k]:
+        for d in ranked:
             windows = indexes[d].best(query, passages.per_document) if passages else [texts[d]]
             pairs.extend((query, w) for w in windows)
             owners.extend([(q, d)] * len(windows))
@@ -93,11 +110,34 @@ def rerank_run(run: dict[str, dict[str, float]], dataset: BeirDataset, config: E
     reranked: dict[str, dict[str, float]] = {q: {} for q in top}
     for (q, d), s in zip(owners, scores):
         reranked[q][d] = max(float(s), reranked[q].get(d, -math.inf))
-    for q, ranked in top.items():
-        floor = min(reranked[q].values(), default=0.0)
-        for rank, d in enumerate(ranked[config.rerank_top_k:]):
-            reranked[q][d] = floor - 1.0 - rank
     return reranked
+
+
+WEIGHT_GRID = tuple(i / 10 for i in range(11))
+
+
+def standardised(values: list[float]) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
+
+
+def fuse(run: dict[str, dict[str, float]], reranker_scores: dict[str, dict[str, float]], weight: float,
+         queries) -> dict[str, dict[str, float]]:
+    """The queries' reranked runs: each reranked document scores weight x the reranker's standardised score +
+    (1 - weight) x the retriever's (score interpolation of a reranker with its first stage, as Pyserini's hybrid
+    runs fuse two rankers); the documents below the reranked ones keep the retriever's order."""
+    fused = {}
+    for q in queries:
+        reranked = list(reranker_scores[q])
+        both = weight * standardised([reranker_scores[q][d] for d in reranked]) \
+            + (1 - weight) * standardised([run[q][d] for d in reranked])
+        fused[q] = dict(zip(reranked, both.tolist()))
+        floor = min(fused[q].values(), default=0.0)
+        rest = sorted((d for d in run[q] if d not in reranker_scores[q]), key=run[q].get, reverse=True)
+        for rank, d in enumerate(rest):
+            fused[q][d] = floor - 1.0 - rank
+    return fused
 
 
 def evaluate_mteb(model_uri: str, tasks: list, config: EvalConfig) -> dict[str, dict]:
@@ -243,11 +283,24 @@ def bar_chart_png(results: dict[str, dict[str, dict]], comparisons: list[dict] =
     return buf.getvalue()
 
 
+def weight_split(dataset: BeirDataset, config: EvalConfig) -> BeirDataset | None:
+    """The queries the reranker's weight is chosen on (rerank_weight_split), none of them an evaluated query."""
+    if config.rerank_weight_split is None:
+        return None
+    tuning = load_beir(dataset.uri, config.rerank_weight_split, config.query_format)
+    shared = sorted(set(tuning.queries) & set(dataset.queries))
+    if shared:
+        raise ConfigError(f"rerank_weight_split: {len(shared)} {tuning.split} queries are also {dataset.split} queries of "
+                          f"{dataset.name} (e.g. {shared[0]}); the weight must be chosen on other queries")
+    return tuning
+
+
 def run_eval(config: EvalConfig) -> str:
     """Evaluate every model on every dataset; write results.json, results.md and ndcg_at_10.png."""
     storage.apply_storage_env(config.storage)  # first: the output and the datasets may be on S3
     storage.begin_output(config.output_uri, dump_config(config).encode())
     datasets = [load_beir(uri, config.split, config.query_format) for uri in config.datasets]  # fail on a bad folder before encoding
+    tunings = [weight_split(d, config) for d in datasets]
     in_driver = start_encoding(config, [d.corpus_uri for d in datasets])
     labels, uris = zip(*(split_label(m) for m in config.models))
     if len(set(labels)) != len(labels):
@@ -269,9 +322,9 @@ def run_eval(config: EvalConfig) -> str:
         else:
             if config.mteb_tasks:
                 raise ConfigError("mteb_tasks need engine=mteb")
-            for dataset in datasets:
+            for dataset, tuning in zip(datasets, tunings):
                 log(f"{label} on {dataset.name} ({len(dataset.queries)} queries)", TAG)
-                results[label][dataset.name] = evaluate_beir(model_uri, dataset, config, in_driver, label)
+                results[label][dataset.name] = evaluate_beir(model_uri, dataset, config, in_driver, label, tuning)
                 log(f"{label} on {dataset.name}: " + ", ".join(f"{m} {results[label][dataset.name][m]:.4f}" for m in METRICS), TAG)
     comparisons = compare_systems(results, config) if config.engine == "ray" else []
     table = markdown_table(results) + comparisons_table(comparisons)
