@@ -10,7 +10,8 @@
 #   3. a reranker from all-MiniLM-L6-v2 on the base's top 8 (the recipe of scripts/qmsum_reranker_run.sh)
 #   4. the reranker as the teacher (a cross-encoder, R2's reranker lists) scores the mined rows;
 #      distillation from the contrastive model learns its order
-#   5. eval: base, contrastive, distill, and the reranker on the contrastive model's top 20
+#   5. eval: base, contrastive, distill, and the reranker on the contrastive model's top 20, its share of the
+#      final score beside the retriever's chosen on the dev queries (rerank_weight_split=dev)
 # 105 minutes on 2 CPU cores (measured; README, "Long documents"). Outputs under ${OUT:-outputs/qmsum}; a rerun skips every step whose
 # output is complete (its manifest), so it resumes where it stopped.
 set -euo pipefail

@@ -246,6 +246,7 @@ def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_
     assert "reranked" in results["results"]["merged"]["split"] and "reranked" not in results["results"]["base"]["split"]
     merged, reranked = results["results"]["merged"]["split"], results["results"]["merged"]["split"]["reranked"]
     assert reranked["reranker"] == str(out / "reranker") and reranked["top_k"] == 20
+    assert reranked["weight_chosen_on"]["split"] == "dev" and reranked["weight"] in (i / 10 for i in range(11))
     assert reranked["recall_at_100"] == pytest.approx(merged["recall_at_100"])  # reranking reorders the top 20 only
     pairs = {(c["system"], c["baseline"]) for c in results["comparisons"]}
     assert ("merged + reranker", "merged") in pairs and ("distill", "contrastive") in pairs and len(pairs) == 7
