@@ -85,6 +85,29 @@ def test_teacher_scores_by_a_cross_encoder_equal_its_predictions(ray_local, tmp_
         expected = cross.predict([(row["query"], p) for p in row["pos"] + row["neg"]], convert_to_tensor=True).float().numpy()
         np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], expected, atol=1e-4, rtol=1e-4)
 
+    # An ensemble of the cross-encoder and an embedder: logits and cosines mix only once each is standardised
+    # over the row's candidates; mixing them raw is refused.
+    from sentence_transformers import SentenceTransformer
+
+    from granite_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="different scales; set input_scores_scale=standardised"):
+        load_config(TeacherScoresConfig, None, [f"input_uri={tmp_path / 'out' / 'scores'}", f"llm.model={tmp_path / 'cross'}",
+                                                "llm.backend=cross-encoder", "input_scores_weight=0.4"])
+    run_teacher_scores(load_config(TeacherScoresConfig, None, [
+        f"input_uri={tmp_path / 'out' / 'scores'}", f"llm.model={minilm_path}", "llm.backend=sentence-transformers",
+        "llm.max_model_len=256", "input_scores_weight=0.4", "input_scores_scale=standardised", f"output_uri={tmp_path / 'mixed'}"]))
+    mixed = {row["query"]: row for f in sorted((tmp_path / "mixed" / "scores").glob("*.json*"))
+             for row in map(json.loads, f.read_text().splitlines())}
+    embedder = SentenceTransformer(minilm_path, device="cpu")
+    embedder.max_seq_length = 256
+    z = lambda v: (np.asarray(v) - np.mean(v)) / np.std(v)  # noqa: E731
+    for row in scored:
+        cosines = embedder.encode(row["pos"] + row["neg"], normalize_embeddings=True) @ embedder.encode(row["query"], normalize_embeddings=True)
+        got = mixed[row["query"]]
+        np.testing.assert_allclose(got["pos_scores"] + got["neg_scores"],
+                                   0.6 * z(cosines) + 0.4 * z(row["pos_scores"] + row["neg_scores"]), atol=1e-4)
+
 
 def _long_document(parts: list[str]) -> str:
     return "\n".join(parts)

@@ -25,6 +25,7 @@ from granite_ray.evaluate.encoding import TAG, encode_dataset, iter_corpus, star
 from granite_ray.evaluate.inverted_index import InvertedIndex
 from granite_ray.evaluate.metrics import retrieval_scores
 from granite_ray.evaluate.search import top_k
+from granite_ray.inference.fusion import standardised
 from granite_ray.runtime import log
 
 METRICS = ("ndcg_at_10", "recall_at_5", "recall_at_100", "mrr_at_10")
@@ -114,12 +115,6 @@ def rerank_scores(run: dict[str, dict[str, float]], dataset: BeirDataset, config
 
 
 WEIGHT_GRID = tuple(i / 10 for i in range(11))
-
-
-def standardised(values: list[float]) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    spread = values.std()
-    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
 
 
 def fuse(run: dict[str, dict[str, float]], reranker_scores: dict[str, dict[str, float]], weight: float,

@@ -19,6 +19,7 @@ import ray
 from granite_ray import storage
 from granite_ray.config import LLMConfig
 from granite_ray.data.corpus import object_column
+from granite_ray.inference.fusion import standardised
 from granite_ray.runtime import log
 from granite_ray.tokenizer import with_eos
 
@@ -147,12 +148,13 @@ class TeacherEmbedder:
     """Ray Data actor: a pooling-runner vLLM engine; each row's query vs its candidates by cosine."""
 
     def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str, vector_cache: int = 0,
-                 input_scores_weight: float = 0.0) -> None:
+                 input_scores_weight: float = 0.0, input_scores_scale: str = "raw") -> None:
         self.config = LLMConfig(**llm_config)
         self.query_template = query_template
         self.task = task
         self.vector_cache = vector_cache
         self.input_scores_weight = input_scores_weight
+        self.input_scores_scale = input_scores_scale
         self.vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()  # text digest -> unit vector, least recently used first
         self.rows, self.started, self.reported = 0, time.perf_counter(), time.perf_counter()
         self.llm = self.sentence_transformer = self.cross_encoder = None
@@ -228,15 +230,17 @@ class TeacherEmbedder:
         queries = [self.query_template.format(query=q, task=self.task) for q in batch["query"]]
         candidates = [list(p) + list(n) for p, n in zip(batch["pos"], batch["neg"])]
         flat_scores = self.scores(queries, candidates)
-        if self.input_scores_weight:  # an ensemble: the earlier teacher's scores, averaged in by weight
-            prior = np.concatenate([np.asarray(s, dtype=np.float64) for s in batch["prior_scores"]])
-            flat_scores = (1 - self.input_scores_weight) * flat_scores + self.input_scores_weight * prior
         pos_scores, neg_scores, start = [], [], 0
-        for p, cs in zip(batch["pos"], candidates):
-            scores = flat_scores[start:start + len(cs)].astype(float).tolist()
+        for p, cs, prior in zip(batch["pos"], candidates, batch["prior_scores"] if self.input_scores_weight else batch["pos"]):
+            scores = np.asarray(flat_scores[start:start + len(cs)], dtype=np.float64)
             start += len(cs)
-            pos_scores.append(scores[:len(p)])
-            neg_scores.append(scores[len(p):])
+            if self.input_scores_weight:  # an ensemble: the earlier teacher's scores of the row, mixed in by weight
+                prior = np.asarray(prior, dtype=np.float64)
+                if self.input_scores_scale == "standardised":
+                    scores, prior = standardised(scores), standardised(prior)
+                scores = (1 - self.input_scores_weight) * scores + self.input_scores_weight * prior
+            pos_scores.append(scores[:len(p)].tolist())
+            neg_scores.append(scores[len(p):].tolist())
         self.rows += len(batch["query"])
         if time.perf_counter() - self.reported > 30:  # progress on long work, in the job's log
             self.reported = time.perf_counter()

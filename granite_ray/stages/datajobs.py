@@ -62,7 +62,7 @@ def run_teacher_scores(config: TeacherScoresConfig) -> str:
         TeacherEmbedder, batch_size=config.llm.batch_size, compute=ray.data.ActorPoolStrategy(size=config.llm.replicas),
         fn_constructor_kwargs={"llm_config": config.llm.model_dump(), "backend": backend, "pooling": config.pooling,
                                "query_template": config.query_template, "task": config.task, "vector_cache": config.vector_cache,
-                               "input_scores_weight": config.input_scores_weight},
+                               "input_scores_weight": config.input_scores_weight, "input_scores_scale": config.input_scores_scale},
         **actor_resources(config.llm))
     fs, path = storage.resolve(storage.join(config.output_uri, "scores"))
     scored.write_json(path, filesystem=fs)
