@@ -84,6 +84,10 @@ def test_teacher_scores_by_a_cross_encoder_equal_its_predictions(ray_local, tmp_
     for row in scored:
         expected = cross.predict([(row["query"], p) for p in row["pos"] + row["neg"]], convert_to_tensor=True).float().numpy()
         np.testing.assert_allclose(row["pos_scores"] + row["neg_scores"], expected, atol=1e-4, rtol=1e-4)
+    # stats.json: how often the teacher puts the positive above every negative
+    first = sum(max(r["pos_scores"]) > max(r["neg_scores"]) for r in scored)
+    assert json.loads((tmp_path / "out" / "stats.json").read_text()) == {
+        "rows": 6, "rows_with_negatives": 6, "positive_first": first, "model": str(tmp_path / "cross")}
 
     # An ensemble of the cross-encoder and an embedder: logits and cosines mix only once each is standardised
     # over the row's candidates; mixing them raw is refused.

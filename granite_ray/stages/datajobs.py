@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import ray
 
 from granite_ray import storage
@@ -67,5 +68,22 @@ def run_teacher_scores(config: TeacherScoresConfig) -> str:
     fs, path = storage.resolve(storage.join(config.output_uri, "scores"))
     scored.write_json(path, filesystem=fs)
     storage.commit_output(config.output_uri)
-    log(f"teacher scores written to {config.output_uri}/scores")
+    columns = ["rows", "rows_with_negatives", "positive_first"]
+    counts = read_record_lines(resolve_files([storage.join(config.output_uri, "scores")], field="output_uri")).map_batches(
+        positive_first_counts, batch_size=None, num_cpus=0.25).sum(columns) or {}  # None: no rows
+    stats = {**{c: int(counts.get(f"sum({c})", 0)) for c in columns}, "model": config.llm.model}
+    storage.add_to_output(config.output_uri, "stats.json", json.dumps(stats, indent=2).encode())
+    share = stats["positive_first"] / max(stats["rows_with_negatives"], 1)
+    log(f"teacher scores written to {config.output_uri}/scores; the teacher scores the positive above every negative in "
+        f"{stats['positive_first']} of {stats['rows_with_negatives']} rows with negatives ({share:.1%})")
     return config.output_uri
+
+
+def positive_first_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Whether the teacher puts a row's best positive above all its negatives: distilling helps only a student
+    that does so less often on the same rows (score them with the student as teacher to compare)."""
+    rows = [json.loads(line) for line in batch["line"]]
+    ranked = [bool(r["neg_scores"]) for r in rows]
+    first = [bool(r["neg_scores"]) and max(r["pos_scores"]) > max(r["neg_scores"]) for r in rows]
+    return {"rows": np.ones(len(rows), dtype=np.int64), "rows_with_negatives": np.array(ranked, dtype=np.int64),
+            "positive_first": np.array(first, dtype=np.int64)}
