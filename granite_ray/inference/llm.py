@@ -231,7 +231,8 @@ class TeacherEmbedder:
         candidates = [list(p) + list(n) for p, n in zip(batch["pos"], batch["neg"])]
         flat_scores = self.scores(queries, candidates)
         pos_scores, neg_scores, start = [], [], 0
-        for p, cs, prior in zip(batch["pos"], candidates, batch["prior_scores"] if self.input_scores_weight else batch["pos"]):
+        priors = batch["prior_scores"] if self.input_scores_weight else [None] * len(candidates)
+        for p, cs, prior in zip(batch["pos"], candidates, priors):
             scores = np.asarray(flat_scores[start:start + len(cs)], dtype=np.float64)
             start += len(cs)
             if self.input_scores_weight:  # an ensemble: the earlier teacher's scores of the row, mixed in by weight
