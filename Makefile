@@ -8,7 +8,7 @@ demo: setup
 
 # Every test but the end-to-end pipelines (CI runs this).
 test: setup
-	.venv/bin/python -m pytest -m "not e2e" tests
+	.venv/bin/python -m pytest -m "not e2e" --durations=30 tests
 
 # The end-to-end pipelines: configs/pipelines/adapt.yaml as shipped, every stage a Ray job (minutes).
 test-e2e: setup

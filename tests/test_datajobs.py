@@ -96,7 +96,7 @@ def test_teacher_scores_through_vllm_equal_sentence_transformers(ray_local, tmp_
 
 def test_an_ensemble_teacher_averages_an_earlier_teachers_scores_in_by_weight(ray_local, tmp_path, minilm_path):
     """teacher-scores over another teacher-scores output keeps its scores at input_scores_weight; rows
-    without scores fail the job with their file:line."""
+    without scores fail the job with their file:line (any of the three: Ray Data may read them in separate blocks)."""
     from sentence_transformers import SentenceTransformer
 
     from granite_ray.stages.datajobs import run_teacher_scores
@@ -123,7 +123,7 @@ def test_an_ensemble_teacher_averages_an_earlier_teachers_scores_in_by_weight(ra
         got = scored[row["query"]]
         np.testing.assert_allclose(got["pos_scores"] + got["neg_scores"], 0.25 * first + 0.75 * second, atol=1e-4)
         assert not np.allclose(first, second, atol=1e-3)  # the two teachers differ: the weight is seen
-    with pytest.raises(Exception, match=r"rows\.jsonl:1: an earlier teacher's scores are averaged in, but this row has no"):
+    with pytest.raises(Exception, match=r"rows\.jsonl:[1-3]: an earlier teacher's scores are averaged in, but this row has no"):
         run_teacher_scores(load_config(TeacherScoresConfig, None, [*common, f"input_uri={tmp_path / 'rows.jsonl'}",
                                                                    "input_scores_weight=0.5", f"output_uri={tmp_path / 'bad'}"]))
 
