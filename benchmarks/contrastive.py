@@ -50,11 +50,12 @@ def ours(args, pairs: Path, work: Path) -> dict:
     import ray
 
     from granite_ray.config import ContrastiveConfig, load_config
+    from granite_ray.runtime import start_local_ray
     from granite_ray.stages.retriever import run_embedding_stage
 
     # Two logical CPUs for the training worker (its torch threads) plus one for the data pipeline,
     # all on the machine's two cores, as the baseline uses them.
-    ray.init(address="local", num_cpus=os.cpu_count() + 1, include_dashboard=False)
+    start_local_ray(num_cpus=os.cpu_count() + 1)
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = load_config(ContrastiveConfig, None, [
         f"model.init_from={minilm()}", f"data.datasets=[{pairs}]", f"data.query_max_len={QUERY_LEN}",

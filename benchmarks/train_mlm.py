@@ -32,11 +32,12 @@ def ours(args, tokenizer_dir: Path, work: Path, workers: int = 1) -> dict:
     import ray
 
     from granite_ray.config import PretrainMLMConfig, load_config
+    from granite_ray.runtime import start_local_ray
     from granite_ray.stages.pretrain import run_pretrain_mlm
 
     # Two logical CPUs for the training worker (its torch threads) plus one for the data pipeline,
     # all on the machine's two cores, as the baseline uses them.
-    ray.init(address="local", num_cpus=os.cpu_count() + 1, include_dashboard=False)
+    start_local_ray(num_cpus=os.cpu_count() + 1)
     name = f"bench-{workers}w-{int(time.time())}"
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = load_config(PretrainMLMConfig, REPO / "configs" / "pretrain_mlm_tiny.yaml", [

@@ -8,6 +8,7 @@ import sys
 import ray
 
 from granite_ray.config import FORWARDED_ENV, ConfigError
+from granite_ray.localray import free_port
 from granite_ray.storage import apply_storage_env
 
 
@@ -24,9 +25,20 @@ def init_ray(config) -> None:
         ray.init()  # inside `ray job submit`: the job's runtime_env already applies
     else:
         check_fits_this_machine(config)
-        ray.init(address="local", include_dashboard=False)
+        start_local_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     check_cluster_fits(config, ray.cluster_resources())
+
+
+def start_local_ray(**options) -> None:
+    """An embedded Ray whose dashboard, on a free loopback port, its own workers are pointed at. Ray Train's
+    placement-group cleaner asks the state API whether the training controller still lives; with no dashboard,
+    or a stale /tmp/ray/ray_current_cluster left by an ended `ray start`, each ask waits 40 s and every training
+    run's shutdown stalls 12 s on it, then logs a traceback. Only this job's workers get the address: in the
+    driver, RAY_API_SERVER_ADDRESS would redirect job submission meant for another cluster."""
+    port = free_port()
+    ray.init(address="local", include_dashboard=True, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **options)
 
 
 # The CPUs a stage's Ray Data steps need beside its workers or encoder actors: each read, parse and

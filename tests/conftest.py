@@ -66,7 +66,9 @@ def ray_local(s3):
     """One embedded Ray for the session, started after the S3 env is set."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    from granite_ray.runtime import start_local_ray
+
+    start_local_ray(num_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
