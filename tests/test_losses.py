@@ -78,15 +78,6 @@ def test_distillation_loss_equals_distill_kl_div_loss(st_model, temperature):
     assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)  # student equals teacher
 
 
-def test_positive_first_swaps_the_positive_with_the_teachers_top_negative_only_where_it_is_not_first():
-    from granite_ray.losses.distill import positive_first
-
-    teacher = torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.7, 0.3], [0.4, 0.4, 0.8], [0.6, 0.6, 0.1]])
-    expected = torch.tensor([[0.9, 0.2, 0.5], [0.7, 0.1, 0.3], [0.8, 0.4, 0.4], [0.6, 0.6, 0.1]])
-    torch.testing.assert_close(positive_first(teacher), expected)
-    assert teacher[1, 0].item() == pytest.approx(0.1)  # the caller's scores are left as they were
-
-
 def test_in_batch_copies_of_a_positive_are_not_negatives():
     """Rows 0 and 1 share one positive document: each row's copy in the other column is masked."""
     q, p, n = _embeddings(batch=4, negatives=1)
@@ -221,24 +212,3 @@ def test_distillation_with_in_batch_negatives_is_flagembeddings_kl_plus_the_cont
     assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
     for a, b in zip(torch.autograd.grad(ours, [q, p, n]), torch.autograd.grad(expected, [q, p, n])):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-def test_distillation_with_the_positive_first_learns_the_adjusted_teacher(minilm_path):
-    from granite_ray.config import DistillConfig
-    from granite_ray.losses.distill import positive_first
-    from granite_ray.objectives.retriever import DistillObjective
-
-    def objective(**options):
-        config = {"model": {"init_from": minilm_path}, "data": {"datasets": ["x"], "negatives": 2}, **options}
-        return DistillObjective(DistillConfig.model_validate(config), None)
-
-    q, p, n = _embeddings(seed=6, negatives=2)
-    teacher = torch.tensor([[0.1, 0.9, 0.3]]).repeat(q.shape[0], 1)
-    ids = torch.arange(q.shape[0] * 4)
-    embeddings = torch.cat([q, p, n.reshape(-1, n.shape[-1])])
-    inputs = {"rows": q.shape[0], "passage_ids": ids[q.shape[0]:], "query_ids": ids[:q.shape[0]]}
-    adjusted = objective(teacher_positive_first=True).loss_from_embeddings(embeddings, {**inputs, "teacher": teacher})
-    expected = objective().loss_from_embeddings(embeddings, {**inputs, "teacher": positive_first(teacher)})
-    plain = objective().loss_from_embeddings(embeddings, {**inputs, "teacher": teacher})
-    assert adjusted.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert abs(adjusted.item() - plain.item()) > 1e-3

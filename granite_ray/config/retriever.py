@@ -88,9 +88,6 @@ class DistillConfig(RetrieverStageConfig):
         "weight of the contrastive loss over every passage of the batch, added to the distillation (R1's partition "
         "holds the batch's passages; FlagEmbedding's kl_div adds it at 1); 0: each row's own candidates only, which "
         "lowered fetaqa's NDCG@10 by 0.021 with all-mpnet-base-v2 teaching, against 0.002 with it"))
-    teacher_positive_first: bool = Field(False, description=(
-        "where the teacher ranks a negative above the positive, swap the two scores (Knowledge Adjustment): for a "
-        "teacher that is stronger on new queries than on the rows the student has already fitted"))
 
     @model_validator(mode="after")
     def _needs_negatives(self) -> "DistillConfig":

@@ -5,8 +5,6 @@ Inputs: student scores [B, N] (query-candidate cosine similarities, positive fir
 teacher's scores for the same candidates [B, N]. The KL differs from the cross-entropy of the
 recipe by the teacher's entropy, a constant: same gradients, and zero when student matches teacher.
 Scaled by tau^2 so gradient magnitudes do not depend on tau.
-`positive_first` is Knowledge Adjustment (Wen et al. 2019, "Preparing Lessons"): the teacher's scores with the
-positive's swapped for the top one wherever the teacher ranks a negative first.
 """
 
 from __future__ import annotations
@@ -19,13 +17,3 @@ def distillation_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor
     student = torch.log_softmax(student_scores / temperature, dim=1)
     teacher = torch.softmax(teacher_scores.detach() / (teacher_temperature or temperature), dim=1)
     return torch.nn.functional.kl_div(student, teacher, reduction="batchmean") * temperature ** 2
-
-
-def positive_first(teacher_scores: torch.Tensor) -> torch.Tensor:
-    """Teacher scores [B, N], positive first, with each row's top score and the positive's swapped: the teacher's
-    order among the negatives is kept and it never teaches the student to rank a negative above the label."""
-    top = teacher_scores.argmax(dim=1, keepdim=True)
-    adjusted = teacher_scores.clone()
-    adjusted.scatter_(1, top, teacher_scores[:, :1])
-    adjusted[:, 0] = teacher_scores.gather(1, top)[:, 0]
-    return adjusted

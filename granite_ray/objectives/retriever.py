@@ -24,7 +24,7 @@ from granite_ray.config import ContrastiveConfig, DistillConfig, RetrieverStageC
 from granite_ray.data.pairs import TokenizePairs
 from granite_ray.inference.encoder import packed_embeddings, sentence_transformers_settings, special_frame
 from granite_ray.losses.contrastive import improved_contrastive_loss
-from granite_ray.losses.distill import distillation_loss, positive_first
+from granite_ray.losses.distill import distillation_loss
 from granite_ray.models.modernbert import (
     resolve_attn_implementation,
     sentence_transformers_files,
@@ -219,8 +219,7 @@ class DistillObjective(EmbeddingObjective):
         candidates = torch.nn.functional.normalize(torch.cat([pos[:, None], negs], dim=1), dim=-1)
         student = torch.einsum("bd,bnd->bn", torch.nn.functional.normalize(q, dim=-1), candidates)
         c = self.config
-        teacher = positive_first(inputs["teacher"]) if c.teacher_positive_first else inputs["teacher"]
-        distill = distillation_loss(student, teacher, temperature=c.temperature, teacher_temperature=c.teacher_temperature)
+        distill = distillation_loss(student, inputs["teacher"], temperature=c.temperature, teacher_temperature=c.teacher_temperature)
         if not c.in_batch_weight:
             return distill
         # FlagEmbedding's kl_div: the teacher's distribution over the row's candidates plus InfoNCE over the whole
