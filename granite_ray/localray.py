@@ -87,8 +87,12 @@ class LocalRayHead:
         ]
         if self.autoscaling_config:
             args.append(f"--autoscaling-config={self._autoscaling_config_for_head(gcs_port)}")
+        # The autoscaler's and the dashboard's metrics servers listen on fixed ports unless told otherwise: a
+        # port picked above could be one of them (a head once lost its Ray client server to 44217 that way).
+        metrics_ports = {"AUTOSCALER_METRIC_PORT": str(distinct_port()), "DASHBOARD_METRIC_PORT": str(distinct_port())}
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(args, env={**self.env(), **metrics_ports}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         from ray.job_submission import JobSubmissionClient
 
         deadline = time.time() + timeout
