@@ -128,6 +128,51 @@ def test_an_ensemble_teacher_averages_an_earlier_teachers_scores_in_by_weight(ra
                                                                    "input_scores_weight=0.5", f"output_uri={tmp_path / 'bad'}"]))
 
 
+def test_a_bm25_teacher_scores_the_whole_documents_a_row_names_with_the_corpus_statistics(ray_local, tmp_path):
+    """llm.backend=bm25 scores each candidate as the whole corpus document its id names (the rows hold only
+    windows), equal to bm25s' Lucene BM25 over the whole corpus; standardised per row on request; rows without
+    ids, and ids the corpus lacks, fail with one line each."""
+    import bm25s
+
+    from granite_ray.data.passages import bm25_terms
+    from granite_ray.evaluate.beir import document_text
+    from granite_ray.stages.datajobs import run_teacher_scores
+
+    corpus = [json.loads(line) for line in (SHARED_DATA / "cranfield" / "corpus.jsonl").read_text().splitlines()]
+    queries = [json.loads(line)["text"] for line in (SHARED_DATA / "cranfield" / "queries.jsonl").read_text().splitlines()[:3]]
+    rows = [{"query": q, "pos_ids": [corpus[i]["_id"]], "neg_ids": [corpus[i + 3]["_id"], corpus[i + 6]["_id"]],
+             "pos": [corpus[i]["text"][:40]], "neg": [corpus[i + 3]["text"][:40], corpus[i + 6]["text"][:40]]}
+            for i, q in enumerate(queries)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"llm.model={SHARED_DATA / 'cranfield'}", "llm.backend=bm25", f"input_uri={tmp_path / 'rows.jsonl'}"]
+    for scale in ("raw", "standardised"):
+        run_teacher_scores(load_config(TeacherScoresConfig, None, [*common, f"scores_scale={scale}", f"output_uri={tmp_path / scale}"]))
+    index = bm25s.BM25(method="lucene", k1=0.9, b=0.4)
+    index.index([bm25_terms(document_text(d)) for d in corpus], show_progress=False)
+    position = {d["_id"]: i for i, d in enumerate(corpus)}
+    scored = {scale: {row["query"]: row for f in sorted((tmp_path / scale / "scores").glob("*.json*"))
+                      for row in map(json.loads, f.read_text().splitlines())} for scale in ("raw", "standardised")}
+    for row in rows:
+        theirs = index.get_scores(bm25_terms(row["query"]))[[position[d] for d in row["pos_ids"] + row["neg_ids"]]]
+        raw, z = (scored[scale][row["query"]] for scale in ("raw", "standardised"))
+        np.testing.assert_allclose(raw["pos_scores"] + raw["neg_scores"], theirs, rtol=1e-5)
+        np.testing.assert_allclose(z["pos_scores"] + z["neg_scores"], (theirs - theirs.mean()) / theirs.std(), rtol=1e-5)
+        assert raw["pos"] == row["pos"] and raw["neg"] == row["neg"]  # the rows' windows are what the student reads
+    stats = json.loads((tmp_path / "raw" / "stats.json").read_text())
+    first = sum(s[0] > max(s[1:]) for s in (index.get_scores(bm25_terms(r["query"]))[[position[d] for d in r["pos_ids"] + r["neg_ids"]]]
+                                            for r in rows))
+    assert stats["positive_first"] == first and stats["rows_with_negatives"] == 3
+
+    (tmp_path / "no_ids.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("query", "pos", "neg")}) + "\n" for r in rows))
+    with pytest.raises(Exception, match=r"no_ids\.jsonl:[1-3]: a BM25 teacher scores the documents a row names, but this row has no"):
+        run_teacher_scores(load_config(TeacherScoresConfig, None, [*common[:2], f"input_uri={tmp_path / 'no_ids.jsonl'}",
+                                                                   f"output_uri={tmp_path / 'no_ids'}"]))
+    (tmp_path / "unknown.jsonl").write_text(json.dumps({**rows[0], "neg_ids": ["no-such-doc", rows[0]["neg_ids"][1]]}) + "\n")
+    with pytest.raises(Exception, match="document 'no-such-doc' of a row is not in .*cranfield/corpus.jsonl"):
+        run_teacher_scores(load_config(TeacherScoresConfig, None, [*common[:2], f"input_uri={tmp_path / 'unknown.jsonl'}",
+                                                                   f"output_uri={tmp_path / 'unknown'}"]))
+
+
 def test_a_teacher_actor_embeds_each_distinct_text_once_and_keeps_the_last_used(minilm_path):
     """Passages recur as other queries' negatives: the actor embeds what it has not kept, keeps the
     `vector_cache` texts used last, and scores exactly as without the cache."""

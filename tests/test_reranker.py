@@ -95,12 +95,12 @@ def test_teacher_scores_by_a_cross_encoder_equal_its_predictions(ray_local, tmp_
 
     from granite_ray.config import ConfigError
 
-    with pytest.raises(ConfigError, match="different scales; set input_scores_scale=standardised"):
+    with pytest.raises(ConfigError, match="different scales; set scores_scale=standardised"):
         load_config(TeacherScoresConfig, None, [f"input_uri={tmp_path / 'out' / 'scores'}", f"llm.model={tmp_path / 'cross'}",
                                                 "llm.backend=cross-encoder", "input_scores_weight=0.4"])
     run_teacher_scores(load_config(TeacherScoresConfig, None, [
         f"input_uri={tmp_path / 'out' / 'scores'}", f"llm.model={minilm_path}", "llm.backend=sentence-transformers",
-        "llm.max_model_len=256", "input_scores_weight=0.4", "input_scores_scale=standardised", f"output_uri={tmp_path / 'mixed'}"]))
+        "llm.max_model_len=256", "input_scores_weight=0.4", "scores_scale=standardised", f"output_uri={tmp_path / 'mixed'}"]))
     mixed = {row["query"]: row for f in sorted((tmp_path / "mixed" / "scores").glob("*.json*"))
              for row in map(json.loads, f.read_text().splitlines())}
     embedder = SentenceTransformer(minilm_path, device="cpu")

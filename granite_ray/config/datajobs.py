@@ -37,19 +37,21 @@ class TeacherScoresConfig(StageConfig):
     input_scores_weight: float = Field(0.0, ge=0, lt=1, description=(
         "an ensemble of teachers: input rows that carry an earlier teacher's pos_scores and neg_scores (its "
         "teacher-scores output) keep them at this weight, this teacher's scores get 1 minus it; 0: this teacher alone"))
-    input_scores_scale: Literal["raw", "standardised"] = Field("raw", description=(
-        "raw: the two teachers' scores averaged as they are (two embedders' cosines); standardised: each teacher's "
-        "scores of a row first standardised over the row's candidates (teachers on different scales, a cross-encoder's "
-        "logits and an embedder's cosines, mixed as `granite-ray eval` mixes a reranker with its retriever)"))
+    scores_scale: Literal["raw", "standardised"] = Field("raw", description=(
+        "raw: the teacher's scores as they are (two embedders' cosines averaged as they are); standardised: the "
+        "teacher's scores of a row (and the earlier teacher's, when mixed) standardised over the row's candidates: "
+        "teachers on different scales, a cross-encoder's logits and an embedder's cosines, mixed as `granite-ray eval` "
+        "mixes a reranker with its retriever, or a teacher whose scores have no fixed scale (BM25) set on one before "
+        "distillation's teacher temperature"))
     output_uri: str = "outputs/teacher_scores"
 
     _absolute_input = field_validator("input_uri")(absolute_uri)
 
     @model_validator(mode="after")
     def _one_scale(self) -> "TeacherScoresConfig":
-        if self.input_scores_weight and self.input_scores_scale == "raw" and self.llm.backend == "cross-encoder":
-            raise ValueError("input_scores_weight with a cross-encoder: its logits and the earlier teacher's scores are on "
-                             "different scales; set input_scores_scale=standardised")
+        if self.input_scores_weight and self.scores_scale == "raw" and self.llm.backend in ("cross-encoder", "bm25"):
+            raise ValueError(f"input_scores_weight with a {self.llm.backend} teacher: its scores and the earlier teacher's are "
+                             "on different scales; set scores_scale=standardised")
         return self
 
 

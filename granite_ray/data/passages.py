@@ -5,7 +5,8 @@ the part a question is about is rarely its beginning. Each document is cut into 
 windows, and its windows are ranked by BM25 (Robertson & Zaragoza 2009) against the query, with
 term statistics from that document's own windows, so no corpus pass is needed. The reranker then
 scores the best windows and a document takes its best window's score (MaxP, Dai & Callan 2019).
-Training picks the positive's and each negative's best window the same way.
+Training picks the positive's and each negative's best window the same way. The same BM25 over a
+corpus's whole documents is a teacher for long documents (teacher-scores, llm.backend=bm25).
 """
 
 from __future__ import annotations
@@ -35,42 +36,43 @@ def bm25_terms(text: str) -> list[str]:
     return TERMS.findall(text.lower())
 
 
-class WindowIndex:
-    """A document's windows with their term counts, built once and searched by any number of queries
-    (in evaluation a document is a candidate of many queries)."""
+class BM25Index:
+    """Texts with their term counts, built once and searched by any number of queries (in evaluation a
+    document's windows are candidates of many queries; a teacher scores whole documents of a corpus)."""
 
-    def __init__(self, windows: list[str]) -> None:
-        self.windows = windows
-        self.counts = [Counter(bm25_terms(w)) for w in windows]
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.counts = [Counter(bm25_terms(t)) for t in texts]
         self.lengths = [sum(c.values()) for c in self.counts]
         self.average = sum(self.lengths) / len(self.lengths) or 1.0
+        self.frequencies = Counter(t for c in self.counts for t in c)  # texts holding each term
 
-    def scores(self, query: str, k1: float = 0.9, b: float = 0.4) -> list[float]:
-        """BM25 of the query against each window, document frequencies counted over these windows
-        (Lucene's variant, without the constant (k1 + 1) factor; Anserini's default k1 and b)."""
-        n = len(self.windows)
+    def scores(self, query: str, k1: float = 0.9, b: float = 0.4, among: list[int] | None = None) -> list[float]:
+        """BM25 of the query against each text (or the texts at positions `among`), document frequencies
+        counted over all the texts (Lucene's variant, without the constant (k1 + 1) factor; Anserini's
+        default k1 and b)."""
+        n = len(self.texts)
         query_terms = set(bm25_terms(query))
-        df = {t: sum(1 for c in self.counts if t in c) for t in query_terms}
-        idf = {t: math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in query_terms}
+        idf = {t: math.log(1 + (n - self.frequencies[t] + 0.5) / (self.frequencies[t] + 0.5)) for t in query_terms}
         scores = []
-        for c, length in zip(self.counts, self.lengths):
-            norm = k1 * (1 - b + b * length / self.average)
+        for i in range(n) if among is None else among:
+            c, norm = self.counts[i], k1 * (1 - b + b * self.lengths[i] / self.average)
             scores.append(sum(idf[t] * c[t] / (c[t] + norm) for t in query_terms if c[t]))
         return scores
 
     def best(self, query: str, count: int = 1) -> list[str]:
-        """The `count` windows that best match the query, best first (ties: earlier first)."""
-        if len(self.windows) == 1:
-            return self.windows
+        """The `count` texts that best match the query, best first (ties: earlier first)."""
+        if len(self.texts) == 1:
+            return self.texts
         scores = self.scores(query)
-        order = sorted(range(len(self.windows)), key=lambda i: (-scores[i], i))
-        return [self.windows[i] for i in order[:count]]
+        order = sorted(range(len(self.texts)), key=lambda i: (-scores[i], i))
+        return [self.texts[i] for i in order[:count]]
 
 
 def bm25_scores(query: str, passages: list[str], k1: float = 0.9, b: float = 0.4) -> list[float]:
-    return WindowIndex(passages).scores(query, k1, b)
+    return BM25Index(passages).scores(query, k1, b)
 
 
 def best_passages(query: str, text: str, words: int, overlap: int, count: int = 1) -> list[str]:
     """The document's `count` windows that best match the query, best first."""
-    return WindowIndex(word_windows(text, words, overlap)).best(query, count)
+    return BM25Index(word_windows(text, words, overlap)).best(query, count)

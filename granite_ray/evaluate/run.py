@@ -87,7 +87,7 @@ def rerank_scores(run: dict[str, dict[str, float]], dataset: BeirDataset, config
                   in_driver: bool) -> dict[str, dict[str, float]]:
     """The cross-encoder's score of each query's top rerank_top_k documents. With rerank_passages, a document
     scores as its best window among those that best match the query."""
-    from granite_ray.data.passages import WindowIndex, word_windows
+    from granite_ray.data.passages import BM25Index, word_windows
     from granite_ray.inference.reranker import Reranker
 
     top = {q: sorted(docs, key=docs.get, reverse=True)[:config.rerank_top_k] for q, docs in run.items()}
@@ -97,7 +97,7 @@ def rerank_scores(run: dict[str, dict[str, float]], dataset: BeirDataset, config
         texts.update((d, t) for d, t in zip(batch["id"], batch["text"]) if d in wanted)
     reranker = Reranker(config.reranker, config.rerank_max_length, query_max_length=config.rerank_query_max_length)
     passages = config.rerank_passages
-    indexes = {d: WindowIndex(word_windows(t, passages.words, passages.overlap_words)) for d, t in texts.items()} \
+    indexes = {d: BM25Index(word_windows(t, passages.words, passages.overlap_words)) for d, t in texts.items()} \
         if passages else {}
     pairs, owners = [], []
     for q, ranked in top.items():

@@ -144,20 +144,46 @@ class SummarizeTables:
                 **{f"summary_{k}": np.array([p[k] for p in parsed], dtype=object) for k in parsed[0]}}
 
 
+class CorpusBM25:
+    """BM25 of a query against whole documents of a BEIR corpus, found by id, with the corpus's term statistics:
+    a teacher for long documents, which embedders and rerankers read only in windows."""
+
+    def __init__(self, corpus: str) -> None:
+        from granite_ray.data.passages import BM25Index
+        from granite_ray.evaluate.beir import iter_corpus
+
+        self.uri = corpus if corpus.endswith(".jsonl") else storage.join(corpus, "corpus.jsonl")
+        ids, texts = [], []
+        for block in iter_corpus(self.uri):
+            ids.extend(block["id"])
+            texts.extend(block["text"])
+        self.positions = {d: i for i, d in enumerate(ids)}
+        self.index = BM25Index(texts)
+
+    def scores(self, query: str, ids: list[str]) -> list[float]:
+        missing = [d for d in ids if d not in self.positions]
+        if missing:
+            raise ValueError(f"document {missing[0]!r} of a row is not in {self.uri}: give the BEIR folder the rows were mined from")
+        return self.index.scores(query, among=[self.positions[d] for d in ids])
+
+
 class TeacherEmbedder:
     """Ray Data actor: a pooling-runner vLLM engine; each row's query vs its candidates by cosine."""
 
     def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str, vector_cache: int = 0,
-                 input_scores_weight: float = 0.0, input_scores_scale: str = "raw") -> None:
+                 input_scores_weight: float = 0.0, scores_scale: str = "raw") -> None:
         self.config = LLMConfig(**llm_config)
         self.query_template = query_template
         self.task = task
         self.vector_cache = vector_cache
         self.input_scores_weight = input_scores_weight
-        self.input_scores_scale = input_scores_scale
+        self.scores_scale = scores_scale
         self.vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()  # text digest -> unit vector, least recently used first
         self.rows, self.started, self.reported = 0, time.perf_counter(), time.perf_counter()
-        self.llm = self.sentence_transformer = self.cross_encoder = None
+        self.llm = self.sentence_transformer = self.cross_encoder = self.documents = None
+        if backend == "bm25":
+            self.documents = CorpusBM25(self.config.model)
+            return
         if backend == "cross-encoder":  # R2's reranker lists: the retriever's top candidates ordered by a reranker
             import math
 
@@ -216,10 +242,12 @@ class TeacherEmbedder:
                 self.vectors.popitem(last=False)
         return np.stack([known[k] for k in keys])
 
-    def scores(self, queries: list[str], candidates: list[list[str]]) -> np.ndarray:
-        """Each row's candidates scored against its query, flat in row order: cosines of the embedder, or
-        the cross-encoder's relevance logits."""
+    def scores(self, queries: list[str], candidates: list[list[str]], ids: list[list[str]] | None = None) -> np.ndarray:
+        """Each row's candidates scored against its query, flat in row order: cosines of the embedder, the
+        cross-encoder's relevance logits, or BM25 of the whole documents `ids` names."""
         flat = [c for cs in candidates for c in cs]
+        if self.documents is not None:
+            return np.array([s for q, row_ids in zip(queries, ids) for s in self.documents.scores(q, row_ids)])
         if self.cross_encoder is not None:
             return self.cross_encoder.score([(q, c) for q, cs in zip(queries, candidates) for c in cs])
         q = self.embed_distinct(queries)
@@ -229,16 +257,17 @@ class TeacherEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         queries = [self.query_template.format(query=q, task=self.task) for q in batch["query"]]
         candidates = [list(p) + list(n) for p, n in zip(batch["pos"], batch["neg"])]
-        flat_scores = self.scores(queries, candidates)
+        flat_scores = self.scores(queries, candidates, batch["ids"] if self.documents is not None else None)
         pos_scores, neg_scores, start = [], [], 0
         priors = batch["prior_scores"] if self.input_scores_weight else [None] * len(candidates)
         for p, cs, prior in zip(batch["pos"], candidates, priors):
             scores = np.asarray(flat_scores[start:start + len(cs)], dtype=np.float64)
             start += len(cs)
+            if self.scores_scale == "standardised":
+                scores = standardised(scores)
             if self.input_scores_weight:  # an ensemble: the earlier teacher's scores of the row, mixed in by weight
                 prior = np.asarray(prior, dtype=np.float64)
-                if self.input_scores_scale == "standardised":
-                    scores, prior = standardised(scores), standardised(prior)
+                prior = standardised(prior) if self.scores_scale == "standardised" else prior
                 scores = (1 - self.input_scores_weight) * scores + self.input_scores_weight * prior
             pos_scores.append(scores[:len(p)].tolist())
             neg_scores.append(scores[len(p):].tolist())

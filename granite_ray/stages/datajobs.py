@@ -59,11 +59,12 @@ def run_teacher_scores(config: TeacherScoresConfig) -> str:
     storage.begin_output(config.output_uri, dump_config(config).encode())
     backend = resolved_backend(config.llm)
     scored = read_record_lines(resolve_files([config.input_uri], field="input_uri")).map_batches(
-        scoring_rows, batch_size=None, num_cpus=0.25, fn_kwargs={"with_scores": config.input_scores_weight > 0}).map_batches(
+        scoring_rows, batch_size=None, num_cpus=0.25,
+        fn_kwargs={"with_scores": config.input_scores_weight > 0, "with_ids": backend == "bm25"}).map_batches(
         TeacherEmbedder, batch_size=config.llm.batch_size, compute=ray.data.ActorPoolStrategy(size=config.llm.replicas),
         fn_constructor_kwargs={"llm_config": config.llm.model_dump(), "backend": backend, "pooling": config.pooling,
                                "query_template": config.query_template, "task": config.task, "vector_cache": config.vector_cache,
-                               "input_scores_weight": config.input_scores_weight, "input_scores_scale": config.input_scores_scale},
+                               "input_scores_weight": config.input_scores_weight, "scores_scale": config.scores_scale},
         **actor_resources(config.llm))
     fs, path = storage.resolve(storage.join(config.output_uri, "scores"))
     scored.write_json(path, filesystem=fs)

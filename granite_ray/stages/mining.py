@@ -19,7 +19,7 @@ import numpy as np
 
 from granite_ray import storage
 from granite_ray.config import MineNegativesConfig, dump_config
-from granite_ray.data.passages import WindowIndex, word_windows
+from granite_ray.data.passages import BM25Index, word_windows
 from granite_ray.evaluate.beir import BeirDataset, check_qrels_against_corpus, load_beir
 from granite_ray.evaluate.encoding import encode_dataset, iter_corpus, start_encoding
 from granite_ray.runtime import log
@@ -123,7 +123,7 @@ def run_mine_negatives(config: MineNegativesConfig) -> str:
                 texts[doc] = text
     passages = config.passages
     # A document's windows and term counts are built once, however many rows (queries, positives) name it.
-    indexes = {d: WindowIndex(word_windows(t, passages.words, passages.overlap_words)) for d, t in texts.items()} \
+    indexes = {d: BM25Index(word_windows(t, passages.words, passages.overlap_words)) for d, t in texts.items()} \
         if passages else {}
     for r in rows:
         for field, ids in (("pos", r["pos_ids"]), ("neg", r["neg_ids"])):
