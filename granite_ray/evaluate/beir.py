@@ -132,13 +132,9 @@ def _documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return text_columns(rows, ("id", "text"))
 
 
-def iter_documents(dataset: BeirDataset) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of {id, text} read in this process, parsed as `read_documents` parses them."""
-    return iter_corpus(dataset.corpus_uri)
-
-
-def iter_corpus(corpus_uri: str) -> Iterator[dict[str, np.ndarray]]:
-    """A corpus .jsonl (local or s3://) as batches of {id, text}, read in this process."""
+def iter_documents(corpus_uri: str) -> Iterator[dict[str, np.ndarray]]:
+    """A corpus .jsonl (local or s3://) as batches of {id, text} read in this process, parsed as
+    `read_documents` parses them."""
     if not storage.exists(corpus_uri):
         raise DatasetError(f"corpus not found: {corpus_uri}")
     for block in iter_record_lines([corpus_uri]):

@@ -106,7 +106,7 @@ def start_encoding(config, corpus_uris: list[str]) -> bool:
 def iter_corpus(dataset: BeirDataset, config: EncoderPoolFields, in_driver: bool) -> Iterator[dict[str, np.ndarray]]:
     """Batches of {id, text}: read in this process for a run encoded in the driver, else streamed by Ray Data."""
     if in_driver:
-        return iter_documents(dataset)
+        return iter_documents(dataset.corpus_uri)
     return read_documents(dataset, config.read_tasks).iter_batches(batch_size=4096, batch_format="numpy")
 
 
@@ -134,7 +134,7 @@ def encode_dataset(model_uri: str, dataset: BeirDataset, config: EncoderPoolFiel
         log(f"{dataset.name}: encoding in the driver with {threads} threads", TAG)
         encode = EncodeRows(model_uri, config.encoder.model_dump(), threads)
         batches = (encode(_with_kind(kind)({"id": rows["id"][a:b], "text": rows["text"][a:b]}))
-                   for kind, source in (("query", [queries]), ("doc", iter_documents(dataset)))
+                   for kind, source in (("query", [queries]), ("doc", iter_documents(dataset.corpus_uri)))
                    for rows in source for a, b in _bounded_slices(rows["text"]))
     else:
         batches = _encode_with_actors(model_uri, dataset, config, queries)

@@ -150,11 +150,11 @@ class CorpusBM25:
 
     def __init__(self, corpus: str) -> None:
         from granite_ray.data.passages import BM25Index
-        from granite_ray.evaluate.beir import iter_corpus
+        from granite_ray.evaluate.beir import iter_documents
 
         self.uri = corpus if corpus.endswith(".jsonl") else storage.join(corpus, "corpus.jsonl")
         ids, texts = [], []
-        for block in iter_corpus(self.uri):
+        for block in iter_documents(self.uri):
             ids.extend(block["id"])
             texts.extend(block["text"])
         self.positions = {d: i for i, d in enumerate(ids)}
@@ -168,7 +168,8 @@ class CorpusBM25:
 
 
 class TeacherEmbedder:
-    """Ray Data actor: a pooling-runner vLLM engine; each row's query vs its candidates by cosine."""
+    """Ray Data actor: each row's candidates scored against its query by one teacher: an embedder's cosine (a
+    pooling-runner vLLM engine, or sentence-transformers), a cross-encoder's logit, or BM25 of whole documents."""
 
     def __init__(self, llm_config: dict, backend: str, pooling: str, query_template: str, task: str, vector_cache: int = 0,
                  input_scores_weight: float = 0.0, scores_scale: str = "raw") -> None:
