@@ -14,6 +14,7 @@
 #   4. eval: base, contrastive, distill, and the reranker on the distilled model's top 20, its share of the
 #      final score beside the retriever's chosen on the dev queries (rerank_weight_split=dev), each
 #      stage paired against the one before it and against the base
+#   5. eval on humaneval, which no stage trained on: what the adaptation cost elsewhere
 # 138 minutes on 2 CPU cores (README, "Long documents"). Outputs under ${OUT:-outputs/qmsum}; a rerun
 # skips every step whose output is complete (its manifest), so it resumes where it stopped.
 set -euo pipefail
@@ -54,3 +55,6 @@ done_ eval-all || $G eval models=[base=$MINILM,contrastive=$OUT/contrastive,dist
   "compare=['contrastive:base', 'distill:contrastive', 'distill:base', 'distill + reranker:distill', 'distill + reranker:base']" \
   output_uri=$OUT/eval-all
 cat $OUT/eval-all/results.md
+done_ eval-humaneval || $G eval models=[base=$MINILM,distill=$OUT/distill] datasets=[${GENERAL:-../shared/data/humaneval}] \
+  "compare=['distill:base']" encode_actors=1 cpus_per_actor=1.5 output_uri=$OUT/eval-humaneval
+cat $OUT/eval-humaneval/results.md
