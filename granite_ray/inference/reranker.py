@@ -17,13 +17,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from granite_ray import storage
 from granite_ray.inference.encoder import packed_embeddings
+from granite_ray.models.cpu_linear import prepack_linears, use_onednn_linear
 from granite_ray.models.modernbert import resolve_attn_implementation
 from granite_ray.tokenizer import cut_to_tokens
 
 
 class Reranker:
     def __init__(self, path: str, max_length: int = 512, token_budget: int = 16384, device: str | None = None,
-                 query_max_length: int | None = 64) -> None:
+                 query_max_length: int | None = 64, cpu_linear: str = "auto") -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         with storage.local_copy(path) as folder:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -31,7 +32,10 @@ class Reranker:
                 str(folder), attn_implementation=resolve_attn_implementation("auto"), dtype=torch.float32)
         if model.config.num_labels != 1:
             raise ValueError(f"{path}: a reranker has one output label, this model has {model.config.num_labels}")
-        self.model = CrossEncoderModel(model.to(self.device).eval())
+        model.to(self.device).eval()
+        if use_onednn_linear(cpu_linear, self.device, model.dtype):
+            prepack_linears(model)
+        self.model = CrossEncoderModel(model)
         self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
         self.token_budget = token_budget
         self.query_max_length = query_max_length
