@@ -209,6 +209,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--peers", nargs="*", default=["vllm", "infinity"], help="serving engines to compare with")
     parser.add_argument("--result-name", default="serve", help="benchmarks/results/<name>.json")
+    parser.add_argument("--ours", nargs="*", default=[], help="key=value overrides of our ServeConfig "
+                        "(e.g. embedder_replicas.threads=1), to compare settings in one script")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -240,7 +242,7 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = load_config(ServeConfig, None, [f"embedder=minilm={model}", f"port={port}", "embedder_replicas.num_cpus=1",
-                                             f"embedder_replicas.threads={threads}", "gateway_replicas.num_cpus=0.25"])
+                                             f"embedder_replicas.threads={threads}", "gateway_replicas.num_cpus=0.25", *args.ours])
     serve.run(build_app(config), name="ours", route_prefix="/")
     serve.run(plain_serve_app(model, threads, CONCURRENCY), name="plain", route_prefix="/plain")
     for system, url in (("ours", f"http://127.0.0.1:{port}/v1/embeddings"), ("plain", f"http://127.0.0.1:{port}/plain/v1/embeddings")):

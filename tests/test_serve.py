@@ -454,17 +454,6 @@ def test_config_needs_a_model_binds_to_loopback_and_keeps_gateway_defaults_under
         load_config(ServeConfig, None, ["reranker=/r", "reranker_replicas.min_replicas=2"])
 
 
-def test_model_replicas_start_with_passive_openmp_threads_unless_told_otherwise():
-    """Spinning OpenMP threads take the cores from the HTTP proxy and gateway beside a replica; the policy must be
-    in the process's environment before torch loads, so it travels in the replica's runtime_env."""
-    from granite_ray.serve.app import deployment_options
-
-    config = load_config(ServeConfig, None, ["embedder=m=/models/m", "reranker=/r", "reranker_replicas.omp_wait_policy=null"])
-    embedder = deployment_options(config.embedder_replicas)["ray_actor_options"]
-    assert embedder["runtime_env"] == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}} and embedder["num_cpus"] == 1.0
-    assert "runtime_env" not in deployment_options(config.reranker_replicas)["ray_actor_options"]
-
-
 def test_serve_yaml_validates_and_its_builder_builds_from_its_args():
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app

@@ -27,10 +27,6 @@ class ServeReplicaConfig(Section):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     threads: int | None = Field(None, gt=0, description="torch threads per replica; None: its CPUs, rounded up")
-    omp_wait_policy: Literal["passive", "active"] | None = Field(
-        "passive", description="OMP_WAIT_POLICY of the replica's process: passive threads sleep between parallel "
-        "regions instead of spinning, leaving the cores to the HTTP proxy and gateway beside them (1.33x docs/s "
-        "through /v1/embeddings on 2 cores); None: OpenMP's default")
 
     @model_validator(mode="after")
     def _bounds(self) -> "ServeReplicaConfig":

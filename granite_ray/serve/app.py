@@ -40,14 +40,7 @@ def deployment_options(replicas: ServeReplicaConfig) -> dict:
     return {"autoscaling_config": {"min_replicas": replicas.min_replicas, "max_replicas": replicas.max_replicas,
                                    "target_ongoing_requests": replicas.target_ongoing_requests},
             "max_ongoing_requests": replicas.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus, **replica_env(replicas)}}
-
-
-def replica_env(replicas: ServeReplicaConfig) -> dict:
-    """Environment a replica's process must start with: OpenMP reads its wait policy when torch loads it."""
-    if replicas.omp_wait_policy is None:
-        return {}
-    return {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": replicas.omp_wait_policy.upper()}}}
+            "ray_actor_options": {"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus}}
 
 
 def build_app(args: dict | ServeConfig) -> Application:
