@@ -76,5 +76,6 @@ def test_prepack_replaces_every_linear_and_counts_them():
     x = torch.randn(5, 8)
     with torch.inference_mode():
         expected = model(x)
+        assert prepack_linears(model, "torch") == 0 and type(model[0]) is torch.nn.Linear
         assert prepack_linears(model) == 2
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

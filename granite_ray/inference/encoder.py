@@ -25,7 +25,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 import granite_ray.models.attention  # noqa: F401  (registers sdpa_varlen)
 from granite_ray import storage
 from granite_ray.config import EncoderConfig
-from granite_ray.models.cpu_linear import prepack_linears, use_onednn_linear
+from granite_ray.models.cpu_linear import prepack_linears
 from granite_ray.models.modernbert import resolve_attn_implementation
 
 
@@ -191,8 +191,7 @@ class Encoder:
             self.model = (AutoModelForMaskedLM if self.sparse else AutoModel).from_pretrained(
                 str(folder), attn_implementation=attn, dtype=torch.bfloat16 if bf16 else torch.float32)
         self.model.to(self.device).eval()
-        if use_onednn_linear(config.cpu_linear, self.device, self.model.dtype):
-            prepack_linears(self.model)
+        prepack_linears(self.model, config.cpu_linear)
         limit = min(x for x in (settings["max_length"], self.tokenizer.model_max_length,
                                 getattr(self.model.config, "max_position_embeddings", None)) if x)
         self.max_length = min(config.max_length or limit, limit)

@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from granite_ray import storage
 from granite_ray.inference.encoder import packed_embeddings
-from granite_ray.models.cpu_linear import prepack_linears, use_onednn_linear
+from granite_ray.models.cpu_linear import prepack_linears
 from granite_ray.models.modernbert import resolve_attn_implementation
 from granite_ray.tokenizer import cut_to_tokens
 
@@ -33,8 +33,7 @@ class Reranker:
         if model.config.num_labels != 1:
             raise ValueError(f"{path}: a reranker has one output label, this model has {model.config.num_labels}")
         model.to(self.device).eval()
-        if use_onednn_linear(cpu_linear, self.device, model.dtype):
-            prepack_linears(model)
+        prepack_linears(model, cpu_linear)
         self.model = CrossEncoderModel(model)
         self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
         self.token_budget = token_budget

@@ -42,8 +42,12 @@ def use_onednn_linear(choice: str, device: torch.device, dtype: torch.dtype) -> 
     return choice == "onednn"
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Replace every `nn.Linear` in the model by a `PrepackedLinear`; returns how many were replaced."""
+def prepack_linears(model: nn.Module, choice: str = "onednn") -> int:
+    """Replace every `nn.Linear` in the model by a `PrepackedLinear` where `use_onednn_linear` says so, on the
+    model's own device and dtype; returns how many were replaced."""
+    weight = next(model.parameters())
+    if not use_onednn_linear(choice, weight.device, weight.dtype):
+        return 0
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
