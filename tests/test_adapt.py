@@ -107,7 +107,11 @@ def test_the_adapt_pipeline_resolves_offline_with_every_stage_reading_the_split(
     assert stages["eval"]["split"] == "test" and stages["eval"]["datasets"] == [str(tmp_path / "split")]
     assert stages["eval"]["reranked_models"] == ["merged"] and "merged + reranker:base" in stages["eval"]["compare"]
     assert stages["distill"]["model"]["init_from"] == str(tmp_path / "contrastive")
-    assert {stages[s]["data"]["datasets"][0] for s in ("distill", "reranker")} == {str(tmp_path / "teacher" / "scores")}
+    # Distillation and the reranker learn from the teacher mixed with the adapted model, not from the teacher alone.
+    assert {stages[s]["data"]["datasets"][0] for s in ("distill", "reranker")} == {str(tmp_path / "teacher-ensemble" / "scores")}
+    ensemble = stages["teacher-ensemble"]
+    assert ensemble["input_uri"] == str(tmp_path / "teacher" / "scores") and ensemble["llm"]["model"] == str(tmp_path / "contrastive")
+    assert (ensemble["input_scores_weight"], ensemble["scores_scale"], stages["distill"]["teacher_temperature"]) == (0.5, "standardised", 0.5)
     assert stages["contrastive"]["data"]["datasets"] == [str(tmp_path / "mine" / "mined.jsonl")]
     # adapt.yaml is adapt_core.yaml (run first, its evaluation included) and the teacher's half after it.
     core = load_config(PipelineConfig, REPO / "configs" / "pipelines" / "adapt_core.yaml", [f"variables.base={minilm_path}"])
@@ -240,6 +244,11 @@ def test_the_adapt_pipeline_runs_every_stage_as_ray_jobs_and_tests_each_against_
     model = SentenceTransformer(teacher, device="cpu")
     q, docs = model.encode([row["query"]], normalize_embeddings=True), model.encode(row["pos"] + row["neg"], normalize_embeddings=True)
     assert np.allclose(docs @ q[0], row["pos_scores"] + row["neg_scores"], atol=1e-4)
+    # Distillation reads the ensemble: every row again, its scores the two teachers' standardised over the row and
+    # mixed (zero mean; the mixing itself is tested in test_datajobs and test_reranker).
+    mixed = [json.loads(line) for f in sorted((out / "teacher-ensemble" / "scores").glob("*.json")) for line in f.read_text().splitlines()]
+    assert sorted((r["query"], r["pos"], r["neg"]) for r in mixed) == sorted((r["query"], r["pos"], r["neg"]) for r in scored)
+    assert all(abs(np.mean(r["pos_scores"] + r["neg_scores"])) < 1e-6 for r in mixed)
 
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["results"]) == {"base", "contrastive", "distill", "merged"}
