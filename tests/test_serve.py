@@ -444,6 +444,35 @@ def test_token_budget_batcher_groups_by_tokens_and_isolates_failures(ray_local):
     assert calls[2:] == [[4], [13], [5, 6]]  # ... then each request alone: only 13's fails
 
 
+def test_token_budget_batcher_gives_a_lone_batch_every_thread_and_splits_a_queue_over_side_by_side_calls(ray_local):
+    import threading
+
+    import torch
+
+    from granite_ray.serve.batching import TokenBudgetBatcher
+
+    calls: list[tuple[list[int], int]] = []
+    side_by_side = threading.Barrier(2, timeout=20)  # only two calls running at once get past it
+
+    def infer(items: list[int]) -> list[int]:
+        calls.append((list(items), torch.get_num_threads()))
+        if items[0] >= 10:
+            side_by_side.wait()
+        return [2 * x for x in items]
+
+    async def scenario():
+        batcher = TokenBudgetBatcher(infer, max_batch_tokens=100, wait_timeout_s=0.05, threads=2, calls_in_flight=2)
+        alone = await batcher.submit([1], 10)
+        # 200 tokens queued, twice what one call takes: two calls of 100 tokens at once, one thread each.
+        loaded = await asyncio.gather(*(batcher.submit([x], 50) for x in (10, 11, 12, 13)))
+        return alone, loaded
+
+    alone, loaded = asyncio.run(scenario())
+    assert list(alone) == [2] and [list(r) for r in loaded] == [[20], [22], [24], [26]]
+    assert calls[0] == ([1], 2)
+    assert sorted(calls[1:]) == [([10, 11], 1), ([12, 13], 1)]
+
+
 def test_config_needs_a_model_binds_to_loopback_and_keeps_gateway_defaults_under_overrides():
     with pytest.raises(ConfigError, match="at least one model"):
         load_config(ServeConfig, None, ["port=8001"])

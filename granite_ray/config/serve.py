@@ -27,6 +27,9 @@ class ServeReplicaConfig(Section):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     threads: int | None = Field(None, gt=0, description="torch threads per replica; None: its CPUs, rounded up")
+    calls_in_flight: int = Field(2, gt=0, description="inference calls a replica runs at once under load, on "
+                                 "threads // calls_in_flight threads each (so at most `threads` calls); a batch "
+                                 "that is all there is runs alone on every thread")
 
     @model_validator(mode="after")
     def _bounds(self) -> "ServeReplicaConfig":

@@ -8,17 +8,25 @@ padding, so a batch is sized by the work it holds: many short texts or a few lon
 count-based batch would be too small for the first or too big for the second. Requests that queued
 during the previous call have already waited their time and go at once.
 
+A replica may run several calls at once (`calls_in_flight`), sharing its CPU threads: a batch that is
+all there is runs alone on every thread; when more is queued than one call takes, or a call is
+already running, calls run side by side on a share of the threads each, and the idle ones split the
+queue between them. On CPU a small encoder's operators scale poorly over threads, so two one-thread
+calls do more than one two-thread call under load, while a lone request still gets every thread.
+
 If the call fails, each request of the batch is run again alone: one bad request fails only itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import torch
 from ray.serve.metrics import Counter, Histogram
 
 TOKEN_BUCKETS = [2.0 ** k for k in range(4, 18)]
@@ -36,13 +44,18 @@ class _Request:
 class TokenBudgetBatcher:
     """`await submit(items, tokens)` -> `infer(items)`'s outputs for these items, computed with others' items."""
 
-    def __init__(self, infer: Callable[[list], Sequence], max_batch_tokens: int, wait_timeout_s: float) -> None:
+    def __init__(self, infer: Callable[[list], Sequence], max_batch_tokens: int, wait_timeout_s: float,
+                 threads: int = 1, calls_in_flight: int = 1) -> None:
         self.infer = infer
         self.max_batch_tokens = max_batch_tokens
         self.wait_timeout_s = wait_timeout_s
+        self.threads = threads
+        self.calls_in_flight = calls_in_flight
+        self.shared_threads = max(1, threads // calls_in_flight)  # a call's threads when calls run side by side
+        self._threads_busy = 0
         self._queue: deque[_Request] = deque()
-        self._arrival: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
+        self._changed: asyncio.Event | None = None  # a request arrived or a call ended
+        self._workers: list[asyncio.Task] = []
         self._calls = Counter("granite_ray_inference_calls", "inference calls (batches)")
         self._batched = Counter("granite_ray_batched_requests", "requests computed in inference calls; "
                                 "divided by the calls: requests per batch")
@@ -55,35 +68,54 @@ class TokenBudgetBatcher:
 
     async def submit(self, items: Sequence, tokens: int) -> Sequence:
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():  # started on the replica's own event loop
-            self._arrival = asyncio.Event()
-            self._worker = loop.create_task(self._serve())
+        if not self._workers or any(w.done() for w in self._workers):  # started on the replica's own event loop
+            self._changed = asyncio.Event()
+            self._workers = [loop.create_task(self._serve()) for _ in range(self.calls_in_flight)]
         request = _Request(list(items), tokens, loop.time(), loop.create_future())
         self._queue.append(request)
-        self._arrival.set()
+        self._changed.set()
         return await request.future
 
     async def _serve(self) -> None:
         while True:
-            batch = await self._next_batch()
+            batch, threads = await self._next_batch()
             if batch:
-                await self._run(batch)
+                self._threads_busy += threads
+                try:
+                    await self._run(batch, threads)
+                finally:
+                    self._threads_busy -= threads
+                    self._changed.set()
 
-    async def _next_batch(self) -> list[_Request]:
+    async def _wait_change(self, timeout: float | None = None) -> None:
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _room(self) -> bool:
+        return self._threads_busy + self.shared_threads <= self.threads
+
+    async def _next_batch(self) -> tuple[list[_Request], int]:
+        """The next call's requests, and its threads."""
         loop = asyncio.get_running_loop()
-        while not self._queue:
-            self._arrival.clear()
-            await self._arrival.wait()
+        while not (self._queue and self._room()):
+            await self._wait_change()
         deadline = self._queue[0].arrived + self.wait_timeout_s
         while sum(r.tokens for r in self._queue) < self.max_batch_tokens and (left := deadline - loop.time()) > 0:
-            self._arrival.clear()
-            try:
-                await asyncio.wait_for(self._arrival.wait(), left)
-            except asyncio.TimeoutError:
-                break
+            await self._wait_change(left)
+        queued = sum(r.tokens for r in self._queue)
+        if not self._room():  # another worker took the room meanwhile
+            return [], 0
+        if self._threads_busy == 0 and queued <= self.max_batch_tokens:
+            budget, threads = self.max_batch_tokens, self.threads  # all there is: alone, on every thread
+        else:
+            free_calls = (self.threads - self._threads_busy) // self.shared_threads
+            budget, threads = min(self.max_batch_tokens, math.ceil(queued / free_calls)), self.shared_threads
         batch: list[_Request] = []
         tokens = 0
-        while self._queue and (not batch or tokens + self._queue[0].tokens <= self.max_batch_tokens):
+        while self._queue and (not batch or tokens + self._queue[0].tokens <= budget):
             request = self._queue.popleft()
             if not request.future.done():  # a caller that went away is not computed
                 batch.append(request)
@@ -91,12 +123,12 @@ class TokenBudgetBatcher:
         now = loop.time()
         for request in batch:
             self._queue_wait.observe(now - request.arrived)
-        return batch
+        return batch, threads
 
-    async def _run(self, batch: list[_Request]) -> None:
+    async def _run(self, batch: list[_Request], threads: int) -> None:
         try:
             outputs = await asyncio.to_thread(self._call_model, [item for r in batch for item in r.items],
-                                              sum(r.tokens for r in batch), len(batch))
+                                              sum(r.tokens for r in batch), len(batch), threads)
         except Exception as error:  # noqa: BLE001 - handed to the callers, the worker goes on
             self._failures.inc()
             if len(batch) == 1:
@@ -104,7 +136,7 @@ class TokenBudgetBatcher:
                     batch[0].future.set_exception(error)
                 return
             for request in batch:
-                await self._run([request])
+                await self._run([request], threads)
             return
         start = 0
         for request in batch:
@@ -112,7 +144,8 @@ class TokenBudgetBatcher:
                 request.future.set_result(outputs[start:start + len(request.items)])
             start += len(request.items)
 
-    def _call_model(self, items: list, tokens: int, requests: int) -> Sequence:
+    def _call_model(self, items: list, tokens: int, requests: int, threads: int) -> Sequence:
+        torch.set_num_threads(threads)  # this worker thread's own (OpenMP's thread count is per thread)
         self._calls.inc()
         self._batched.inc(requests)
         self._batch_tokens.observe(tokens)

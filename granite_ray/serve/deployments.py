@@ -41,10 +41,12 @@ def refusals_returned(method):
     return call
 
 
-def use_threads(threads: int | None) -> None:
+def use_threads(threads: int | None) -> int:
     """Torch threads: as configured, else the CPUs this replica holds (which serve.yaml may have overridden)."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    torch.set_num_threads(threads or max(1, math.ceil(cpus)))
+    threads = threads or max(1, math.ceil(cpus))
+    torch.set_num_threads(threads)
+    return threads
 
 
 class EncoderReplica:
@@ -52,8 +54,8 @@ class EncoderReplica:
 
     sparse: bool
 
-    def __init__(self, uri: str, config: ServeConfig, threads: int | None = None) -> None:
-        use_threads(threads)
+    def __init__(self, uri: str, config: ServeConfig, threads: int | None = None, calls_in_flight: int = 1) -> None:
+        threads = use_threads(threads)
         # The batcher gathers up to max_batch_tokens from many requests; the encoder runs them in forwards of
         # its device's measured budget (EncoderConfig.token_budget=None).
         self.encoder = Encoder(uri, EncoderConfig(max_length=config.max_length, max_batch=config.max_batch_tokens,
@@ -68,7 +70,8 @@ class EncoderReplica:
         self.max_windows = config.max_windows_per_input
         self.max_request_tokens = config.max_request_tokens
         self.vocab_size = len(self.encoder.tokenizer)
-        self.batcher = TokenBudgetBatcher(self.encoder.embed_token_ids, config.max_batch_tokens, config.batch_wait_timeout_s)
+        self.batcher = TokenBudgetBatcher(self.encoder.embed_token_ids, config.max_batch_tokens, config.batch_wait_timeout_s,
+                                          threads, calls_in_flight)
         self.encoder.embed_token_ids([self.encoder.prefix + self.encoder.suffix])  # the first forward's one-off costs
 
     def describe(self) -> dict:
@@ -165,14 +168,15 @@ class SparseEncoder(EncoderReplica):
 
 @serve.deployment(logging_config=INTERNAL_LOGGING)
 class Reranker:
-    def __init__(self, uri: str, config: ServeConfig, threads: int | None = None) -> None:
-        use_threads(threads)
+    def __init__(self, uri: str, config: ServeConfig, threads: int | None = None, calls_in_flight: int = 1) -> None:
+        threads = use_threads(threads)
         self.model = reranker.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens,
                                      query_max_length=config.rerank_query_max_length)
         self.truncate_by_default = config.long_inputs == "truncate"
         self.max_request_tokens = config.max_request_tokens
         self.pair_frame = self.model.tokenizer.num_special_tokens_to_add(pair=True)
-        self.batcher = TokenBudgetBatcher(self.model.score, config.max_batch_tokens, config.batch_wait_timeout_s)
+        self.batcher = TokenBudgetBatcher(self.model.score, config.max_batch_tokens, config.batch_wait_timeout_s,
+                                          threads, calls_in_flight)
         self.model.score([("warm", "up")])  # the first forward's one-off costs
 
     def describe(self) -> dict:
