@@ -52,7 +52,8 @@ def build_app(args: dict | ServeConfig) -> Application:
         if entry := getattr(config, field):
             names[kind], uri = split_label(entry)
             replicas = getattr(config, f"{field}_replicas")
-            bound[field] = deployment.options(**deployment_options(replicas)).bind(uri, config, replicas.threads, replicas.calls_in_flight)
+            bound[field] = deployment.options(**deployment_options(replicas)).bind(
+                uri, config, replicas.threads, replicas.calls_in_flight)
     api_key = serve_api_key(config)
     return Gateway.options(**deployment_options(config.gateway_replicas)).bind(config, api_key, names, **bound)
 
