@@ -463,8 +463,8 @@ def test_token_budget_batcher_gives_a_lone_batch_every_thread_and_splits_a_queue
     async def scenario():
         batcher = TokenBudgetBatcher(infer, max_batch_tokens=100, wait_timeout_s=0.05, threads=2, calls_in_flight=2)
         alone = await batcher.submit([1], 10)
-        # 200 tokens queued, twice what one call takes: two calls of 100 tokens at once, one thread each.
-        loaded = await asyncio.gather(*(batcher.submit([x], 50) for x in (10, 11, 12, 13)))
+        # 120 tokens queued, more than one call takes: two calls of half of them at once, one thread each.
+        loaded = await asyncio.gather(*(batcher.submit([x], 30) for x in (10, 11, 12, 13)))
         return alone, loaded
 
     alone, loaded = asyncio.run(scenario())

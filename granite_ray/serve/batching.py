@@ -53,9 +53,10 @@ class TokenBudgetBatcher:
         self.calls_in_flight = calls_in_flight
         self.shared_threads = max(1, threads // calls_in_flight)  # a call's threads when calls run side by side
         self._threads_busy = 0
+        self._calls_running = 0
         self._queue: deque[_Request] = deque()
-        self._changed: asyncio.Event | None = None  # a request arrived or a call ended
-        self._workers: list[asyncio.Task] = []
+        self._changed = asyncio.Event()  # a request arrived or a call ended
+        self._workers: list[asyncio.Task | None] = [None] * calls_in_flight
         self._calls = Counter("granite_ray_inference_calls", "inference calls (batches)")
         self._batched = Counter("granite_ray_batched_requests", "requests computed in inference calls; "
                                 "divided by the calls: requests per batch")
@@ -68,9 +69,8 @@ class TokenBudgetBatcher:
 
     async def submit(self, items: Sequence, tokens: int) -> Sequence:
         loop = asyncio.get_running_loop()
-        if not self._workers or any(w.done() for w in self._workers):  # started on the replica's own event loop
-            self._changed = asyncio.Event()
-            self._workers = [loop.create_task(self._serve()) for _ in range(self.calls_in_flight)]
+        # Started on the replica's own event loop; one that ended (it should not) is replaced.
+        self._workers = [w if w is not None and not w.done() else loop.create_task(self._serve()) for w in self._workers]
         request = _Request(list(items), tokens, loop.time(), loop.create_future())
         self._queue.append(request)
         self._changed.set()
@@ -81,10 +81,12 @@ class TokenBudgetBatcher:
             batch, threads = await self._next_batch()
             if batch:
                 self._threads_busy += threads
+                self._calls_running += 1
                 try:
                     await self._run(batch, threads)
                 finally:
                     self._threads_busy -= threads
+                    self._calls_running -= 1
                     self._changed.set()
 
     async def _wait_change(self, timeout: float | None = None) -> None:
@@ -111,7 +113,8 @@ class TokenBudgetBatcher:
         if self._threads_busy == 0 and queued <= self.max_batch_tokens:
             budget, threads = self.max_batch_tokens, self.threads  # all there is: alone, on every thread
         else:
-            free_calls = (self.threads - self._threads_busy) // self.shared_threads
+            free_calls = min((self.threads - self._threads_busy) // self.shared_threads,
+                             self.calls_in_flight - self._calls_running)
             budget, threads = min(self.max_batch_tokens, math.ceil(queued / free_calls)), self.shared_threads
         batch: list[_Request] = []
         tokens = 0
