@@ -26,3 +26,7 @@ bench: setup
 	.venv/bin/python benchmarks/mining.py
 	.venv/bin/python benchmarks/contrastive.py
 	.venv/bin/python benchmarks/serve.py
+	.venv/bin/python benchmarks/serve_hostile.py
+	.venv/bin/python benchmarks/encode_beir.py
+	.venv/bin/python benchmarks/teacher_quality.py
+	.venv/bin/python benchmarks/finetune_quality.py
