@@ -473,6 +473,37 @@ def test_token_budget_batcher_gives_a_lone_batch_every_thread_and_splits_a_queue
     assert sorted(calls[1:]) == [([10, 11], 1), ([12, 13], 1)]
 
 
+def test_a_replica_calls_one_forward_at_a_time_by_default_so_a_burst_is_shared_out(ray_local, minilm_path):
+    """max_batch_tokens=None: an inference call holds one forward of the device's budget, so a burst of
+    requests runs as short calls that free lanes share and that answer as each ends, not as one long call
+    that leaves a lane idle once the queue is empty."""
+    import ray
+
+    from granite_ray.serve.deployments import Embedder
+
+    @ray.remote(num_cpus=0.5)
+    class Replica(Embedder.func_or_class):  # the deployment's class in an actor of its own, without Serve
+        async def burst(self, texts: list[str]) -> tuple[list[int], list[int], int, int]:
+            calls: list[int] = []
+            infer = self.batcher.infer
+            self.batcher.infer = lambda items: calls.append(sum(map(len, items))) or infer(items)
+            replies = await asyncio.gather(*(self.embed(texts[i:i + 4]) for i in range(0, len(texts), 4)))
+            return calls, [tokens for _, tokens in replies], self.batcher.max_batch_tokens, self.encoder.token_budget
+
+    texts = cranfield_texts(64)
+    default = Replica.remote(minilm_path, load_config(ServeConfig, None, [f"embedder={minilm_path}"]), threads=2)
+    calls, request_tokens, call_budget, forward_budget = ray.get(default.burst.remote(texts))
+    assert call_budget == forward_budget == 4096  # the CPU forward
+    assert sum(request_tokens) == sum(calls) > 2 * 4096  # every token computed once
+    assert len(calls) >= 3 and max(calls) <= 4096, calls
+    wide = Replica.remote(minilm_path, load_config(ServeConfig, None, [f"embedder={minilm_path}", "max_batch_tokens=16384"]),
+                          threads=2)
+    calls, _, call_budget, forward_budget = ray.get(wide.burst.remote(texts))
+    assert call_budget == 16384 and forward_budget == 4096 and max(calls) > 4096, calls  # forwards stay measured
+    for actor in (default, wide):
+        ray.kill(actor)
+
+
 def test_config_needs_a_model_binds_to_loopback_and_keeps_gateway_defaults_under_overrides():
     with pytest.raises(ConfigError, match="at least one model"):
         load_config(ServeConfig, None, ["port=8001"])

@@ -125,7 +125,7 @@ class EncoderConfig(Section):
     document_prompt: str | None = None
     token_budget: int | None = Field(None, gt=0, description="tokens per packed forward; None: 16384 on a GPU, 4096 "
                                      "on CPU (measured: all-MiniLM-L6-v2 on cranfield, 2 cores, 26% faster than 16384)")
-    max_batch: int = Field(512, gt=0, description="texts per forward at most")
+    max_batch: int | None = Field(512, gt=0, description="texts per forward at most; None: only token_budget bounds a forward")
     packed: bool = True
     long_documents: Literal["truncate", "chunk-mean", "chunk-max"] = "truncate"
     chunk_overlap: int = Field(100, ge=0)

@@ -60,7 +60,9 @@ class ServeConfig(StageConfig):
                                       "None: the GRANITE_RAY_API_KEY variable, else no auth; never written out")
     allow_anonymous: bool = Field(False, description="serve a non-loopback host without an API key (behind a "
                                   "gateway that authenticates); otherwise that is refused")
-    max_batch_tokens: int = Field(16384, gt=0, description="tokens of the requests batched into one inference call")
+    max_batch_tokens: int | None = Field(
+        None, gt=0, description="tokens of the requests batched into one inference call; None: one forward of the "
+        "replica's device (4096 tokens on CPU, 16384 on a GPU), so side-by-side calls stay short and share a burst evenly")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="the longest a request waits for others to batch with")
     max_inputs_per_request: int = Field(2048, gt=0, description="texts per embedding request, documents per rerank request")
     max_request_bytes: int = Field(16 << 20, gt=0, description="request bodies above this are refused (413) unread")

@@ -173,11 +173,16 @@ def sentence_transformers_settings(folder: Path) -> dict:
     return settings
 
 
+def default_token_budget(device: torch.device) -> int:
+    """Tokens per packed forward where none is configured (EncoderConfig.token_budget says how it was measured)."""
+    return 16384 if device.type == "cuda" else 4096
+
+
 class Encoder:
     def __init__(self, path: str, config: EncoderConfig | None = None, device: str | None = None) -> None:
         self.config = config = config or EncoderConfig()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.token_budget = config.token_budget or (16384 if self.device.type == "cuda" else 4096)
+        self.token_budget = config.token_budget or default_token_budget(self.device)
         with storage.local_copy(path) as folder:
             folder = Path(folder)
             settings = sentence_transformers_settings(folder)
@@ -236,7 +241,7 @@ class Encoder:
         start = 0
         while start < len(order):
             end, used = start, 0
-            while end < len(order) and end - start < self.config.max_batch:
+            while end < len(order) and (self.config.max_batch is None or end - start < self.config.max_batch):
                 cost = lengths[order[end]] if self.packed else lengths[order[start]]
                 if end > start and used + cost > self.token_budget:
                     break

@@ -16,14 +16,14 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from granite_ray import storage
-from granite_ray.inference.encoder import packed_embeddings
+from granite_ray.inference.encoder import default_token_budget, packed_embeddings
 from granite_ray.models.cpu_linear import prepack_linears
 from granite_ray.models.modernbert import resolve_attn_implementation
 from granite_ray.tokenizer import cut_to_tokens
 
 
 class Reranker:
-    def __init__(self, path: str, max_length: int = 512, token_budget: int = 16384, device: str | None = None,
+    def __init__(self, path: str, max_length: int = 512, token_budget: int | None = None, device: str | None = None,
                  query_max_length: int | None = 64, cpu_linear: str = "auto") -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         with storage.local_copy(path) as folder:
@@ -36,7 +36,7 @@ class Reranker:
         prepack_linears(model, cpu_linear)
         self.model = CrossEncoderModel(model)
         self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
-        self.token_budget = token_budget
+        self.token_budget = token_budget or default_token_budget(self.device)
         self.query_max_length = query_max_length
 
     @torch.inference_mode()

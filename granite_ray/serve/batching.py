@@ -13,6 +13,8 @@ all there is runs alone on every thread; when more is queued than one call takes
 already running, calls run side by side on a share of the threads each, and the idle ones split the
 queue between them. On CPU a small encoder's operators scale poorly over threads, so two one-thread
 calls do more than one two-thread call under load, while a lone request still gets every thread.
+Calls should be short (the replicas make one a forward of their device's budget): a long one-thread call
+taken late in a burst keeps computing alone after the queue is empty, with the other lane idle.
 
 If the call fails, each request of the batch is run again alone: one bad request fails only itself.
 """

@@ -56,9 +56,9 @@ class EncoderReplica:
 
     def __init__(self, uri: str, config: ServeConfig, threads: int | None = None, calls_in_flight: int = 1) -> None:
         threads = use_threads(threads)
-        # The batcher gathers up to max_batch_tokens from many requests; the encoder runs them in forwards of
-        # its device's measured budget (EncoderConfig.token_budget=None).
-        self.encoder = Encoder(uri, EncoderConfig(max_length=config.max_length, max_batch=config.max_batch_tokens,
+        # The batcher gathers up to max_batch_tokens from many requests, by default one forward of the device's
+        # measured budget (EncoderConfig.token_budget=None); tokens alone bound a forward (max_batch=None).
+        self.encoder = Encoder(uri, EncoderConfig(max_length=config.max_length, max_batch=None,
                                                   chunk_overlap=config.chunk_overlap))
         if self.encoder.sparse != self.sparse:
             raise ValueError(f"{uri}: a {'sparse' if self.encoder.sparse else 'dense'} model; serve it as "
@@ -70,8 +70,8 @@ class EncoderReplica:
         self.max_windows = config.max_windows_per_input
         self.max_request_tokens = config.max_request_tokens
         self.vocab_size = len(self.encoder.tokenizer)
-        self.batcher = TokenBudgetBatcher(self.encoder.embed_token_ids, config.max_batch_tokens, config.batch_wait_timeout_s,
-                                          threads, calls_in_flight)
+        self.batcher = TokenBudgetBatcher(self.encoder.embed_token_ids, config.max_batch_tokens or self.encoder.token_budget,
+                                          config.batch_wait_timeout_s, threads, calls_in_flight)
         self.encoder.embed_token_ids([self.encoder.prefix + self.encoder.suffix])  # the first forward's one-off costs
 
     def describe(self) -> dict:
@@ -170,13 +170,12 @@ class SparseEncoder(EncoderReplica):
 class Reranker:
     def __init__(self, uri: str, config: ServeConfig, threads: int | None = None, calls_in_flight: int = 1) -> None:
         threads = use_threads(threads)
-        self.model = reranker.Reranker(uri, max_length=config.rerank_max_length, token_budget=config.max_batch_tokens,
-                                     query_max_length=config.rerank_query_max_length)
+        self.model = reranker.Reranker(uri, max_length=config.rerank_max_length, query_max_length=config.rerank_query_max_length)
         self.truncate_by_default = config.long_inputs == "truncate"
         self.max_request_tokens = config.max_request_tokens
         self.pair_frame = self.model.tokenizer.num_special_tokens_to_add(pair=True)
-        self.batcher = TokenBudgetBatcher(self.model.score, config.max_batch_tokens, config.batch_wait_timeout_s,
-                                          threads, calls_in_flight)
+        self.batcher = TokenBudgetBatcher(self.model.score, config.max_batch_tokens or self.model.token_budget,
+                                          config.batch_wait_timeout_s, threads, calls_in_flight)
         self.model.score([("warm", "up")])  # the first forward's one-off costs
 
     def describe(self) -> dict:
