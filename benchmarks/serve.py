@@ -10,8 +10,8 @@ overlap, decoded back to text). Same cores: each server runs os.cpu_count() torc
 sentence-transformers does in process; one server runs at a time. Rounds alternate between the systems
 (each server started for its round and stopped after it) and medians are compared, so a host whose
 speed drifts during the run weighs on every system alike; p50/p95 pool every round's requests. Every
-server's vectors are checked against sentence-transformers' (worst cosine). Infinity gets its own venv (benchmarks/.venv-infinity,
-created on first use: it pins sentence-transformers<4 and numpy<2).
+server's vectors are checked against sentence-transformers' (worst cosine). Infinity gets its own venv
+(benchmarks/.venv-infinity, created on first use: it pins sentence-transformers<4 and numpy<2).
 
     python benchmarks/serve.py [--cranfield 200] [--transcripts 1] [--per-request 4]
                                [--rounds 3] [--concurrency 8 32] [--peers vllm infinity]
@@ -254,8 +254,6 @@ def main() -> None:
     del in_process
     total = sum(len(t) for t in docs.values())
 
-    # Rounds alternate between the systems, each alone on the machine while measured (its server started
-    # for the round and stopped after it), so a host that slows down or speeds up meanwhile weighs on all.
     peers = peer_servers(model, threads, args.peers)
     rounds: dict[str, dict[str, list[dict]]] = {}
 
@@ -284,7 +282,8 @@ def main() -> None:
             os.killpg(process.pid, 15)
             process.wait(timeout=60)
 
-    # The order turns each round, so no system is always measured first (or always right after Ray stopped).
+    # Each system alone while measured, in an order that turns each round: none always first, or always
+    # right after Ray stopped.
     turns = [ours_and_plain, *(functools.partial(peer, name) for name in args.peers)]
     for r in range(args.rounds):
         for turn in turns[r % len(turns):] + turns[:r % len(turns)]:
